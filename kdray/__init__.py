@@ -1,0 +1,3 @@
+"""kdray: knowledge distillation for recommender systems, distributed on Ray."""
+
+__version__ = "0.1.0"
