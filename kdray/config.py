@@ -54,6 +54,8 @@ class DataConfig:
     min_rating: float | None = None  # implicit feedback: keep rating >= min_rating (None keeps every row)
     k_core: int = 0  # iteratively drop users and items with fewer interactions (0 = off)
     split: SplitKind = "random"  # random: per-user ratio; loo: leave-one-out by time; given: the file's own split
+    # random: each user's interactions split train/valid/test by these fractions; given: the file's own test set,
+    # and valid = valid / (train + valid) of each user's training items
     split_ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
     side_features: bool = True  # load user/item side features when the source has them (ml-100k)
     # synthetic generator (source == "synthetic")
@@ -295,7 +297,7 @@ def validate(cfg: Config) -> Config:
            f"data.split_ratios: {list(d.split_ratios)} must be three non-negative fractions (train, valid, test)")
     _check(abs(sum(d.split_ratios) - 1.0) < 1e-6,
            f"data.split_ratios: {list(d.split_ratios)} must sum to 1, they sum to {sum(d.split_ratios):g}")
-    _check(d.split_ratios[0] > 0 and d.split_ratios[2] > 0,
+    _check(d.split_ratios[0] > 0 and (d.split_ratios[2] > 0 or d.split == "given"),
            f"data.split_ratios: {list(d.split_ratios)} needs a non-zero train and test fraction")
     _check(d.k_core >= 0, f"data.k_core: {d.k_core} must be >= 0")
     if d.source == "synthetic":

@@ -1,0 +1,120 @@
+"""Config: defaults, YAML + overrides, and validation messages that name the key and what is allowed."""
+
+from pathlib import Path
+
+import pytest
+
+from kdray.config import Config, fingerprint, from_dict, load_config, replace, to_dict
+from kdray.errors import ConfigError
+
+CONFIGS = sorted(Path(__file__).parent.parent.glob("configs/*.yaml"))
+
+
+def test_defaults_are_valid_and_round_trip():
+    cfg = load_config()
+    assert cfg == Config()
+    assert from_dict(to_dict(cfg)) == cfg
+    assert cfg.select_metric == "ndcg@10"
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.name != "serve.yaml"], ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.name == path.stem
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_overrides_parse_yaml_values_and_take_precedence(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("student:\n  dim: 8\ndistill:\n  alpha: 0.2\n")
+    cfg = load_config(f, ["student.dim=32", "teacher.hidden=[64, 32]", "distill.mask_seen=false"])
+    assert cfg.student.dim == 32
+    assert cfg.teacher.hidden == (64, 32)
+    assert cfg.distill.alpha == 0.2 and cfg.distill.mask_seen is False
+    assert cfg.teacher.name == "two_tower"  # untouched keys keep their defaults
+
+
+def test_replace_validates():
+    cfg = replace(Config(), **{"student.dim": 8})
+    assert cfg.student.dim == 8
+    with pytest.raises(ConfigError, match="distill.alpha"):
+        replace(cfg, **{"distill.alpha": 1.5})
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("lr=0.1", "unknown key lr; allowed keys: data, device"),
+        ("student.size=3", "unknown key student.size; allowed keys in student: dim, dropout, hidden, name"),
+        ("distill.alpha=1.5", r"distill.alpha: 1.5 must be in \[0, 1\]"),
+        ("distill.alpha=-0.1", r"distill.alpha: -0.1 must be in \[0, 1\]"),
+        ("distill.temperature=0", "distill.temperature: 0.0 must be > 0"),
+        ("eval.ks=[0, 10]", "eval.ks: .* must be positive"),
+        ("distill.topk=0", "distill.topk: 0 must be > 0"),
+        ("data.split_ratios=[0.7, 0.1, 0.1]", "must sum to 1, they sum to 0.9"),
+        ("data.split_ratios=[0.8, 0.2]", "expected a list of 3 values"),
+        ("student.dim=512", "student.dim: 512 is larger than teacher.dim 256; set distill.allow_larger_student"),
+        ("student.name=xgboost", "student.name: 'xgboost' is not allowed; allowed values: 'mf', 'neumf', 'two_tower'"),
+        ("distill.loss=kd", "allowed values: 'none', 'kl', 'mse', 'rd', 'soft_bce'"),
+        ("student_train.epochs=two", "student_train.epochs: expected an integer, got 'two'"),
+        ("student_train.epochs=1.5", "student_train.epochs: expected an integer"),
+        ("student_train.lr=-1", "student_train.lr: -1.0 must be > 0"),
+        ("distill.mask_seen=3", "distill.mask_seen: expected true or false"),
+        ("data.source=ml-1m", "data.path: required for data.source='ml-1m'"),
+        ("data.split=given", "data.split: 'given' needs a source with its own split"),
+        ("distill.n_teachers=2", None),
+        ("distill.teacher_weights=[1.0]", "1 weights for 1 teachers|teacher_weights"),
+        ("serve.max_ongoing_requests=4", "serve.max_ongoing_requests: 4 must be >= serve.max_batch_size"),
+        ("name=a/b", "name: 'a/b' must be a non-empty directory name"),
+        ("student_train=3", "student_train: expected a mapping"),
+        ("broken", "expected key=value"),
+    ],
+)
+def test_validation_names_the_key(override, message):
+    if message is None:
+        assert load_config(None, [override]).distill.n_teachers == 2
+        return
+    if override == "distill.teacher_weights=[1.0]":
+        assert load_config(None, [override]).distill.teacher_weights == (1.0,)  # 1 weight, 1 teacher: valid
+        with pytest.raises(ConfigError, match="2 weights for 1 teachers"):
+            load_config(None, ["distill.teacher_weights=[1.0, 2.0]"])
+        return
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_alpha_edges_and_none_loss():
+    assert load_config(None, ["distill.alpha=0"]).distill.alpha == 0.0
+    assert load_config(None, ["distill.alpha=1"]).distill.alpha == 1.0
+    with pytest.raises(ConfigError, match="must be 0 when distill.loss is 'none'"):
+        load_config(None, ["distill.loss=none"])
+    assert load_config(None, ["distill.loss=none", "distill.alpha=0"]).distill.loss == "none"
+
+
+def test_file_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("student: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="list.yaml: expected a mapping"):
+        load_config(listy)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("distill:\n  alpah: 0.3\n")
+    with pytest.raises(ConfigError, match="wrong.yaml: unknown key distill.alpah"):
+        load_config(wrong)
+
+
+def test_configs_are_frozen():
+    cfg = Config()
+    with pytest.raises(AttributeError):
+        cfg.student.dim = 3  # type: ignore[misc]
+
+
+def test_fingerprint_is_stable_and_sensitive():
+    a, b = Config(), replace(Config(), **{"data.seed": 1})
+    assert fingerprint(a.data) == fingerprint(Config().data)
+    assert fingerprint(a.data) != fingerprint(b.data)
