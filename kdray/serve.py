@@ -1,0 +1,258 @@
+"""Ray Serve endpoint over a checkpoint: a thin FastAPI adapter around :class:`kdray.predictor.Recommender`.
+
+Routes (relative to ``serve.route_prefix``):
+
+    POST /recommend        {"user_id": 42, "k": 10, "exclude_seen": true}
+                           -> {"user_id", "items": [{"item_id", "score"}], "cold_start", "model": {"name", "version"}}
+    POST /recommend/batch  {"user_ids": [42, "u7"], "k": 10, "exclude_seen": true}
+                           -> {"results": [{"user_id", "items", "cold_start"}], "model": {"name", "version"}}
+    GET  /healthz          -> {"status": "ok", "model": {"name", "version"}}
+    GET  /model            -> architecture, parameters, metrics, creation time, teacher lineage, version, and the
+                              answering replica's @serve.batch counters (batches, batched_requests)
+    GET  /docs             OpenAPI (Swagger) page; the schema is at /openapi.json
+
+Single requests go through ``@serve.batch``: concurrent requests on one replica are scored by one ``score_all`` call.
+Client mistakes are 422 with FastAPI's error shape (``detail[].loc`` names the field), never a 5xx.
+
+Three ways to run it, all binding 127.0.0.1 unless told otherwise:
+
+    kdray serve --checkpoint RUN/best [--address ADDR] [serve.port=8000 ...]
+    serve run configs/serve.yaml          # edit applications[0].args.checkpoint first
+    serve deploy configs/serve.yaml       # onto a running cluster (the checkpoint must be readable on its nodes)
+
+Running any of them again with another checkpoint under the same application name replaces the model in place: a
+rolling update that starts the new replicas before the old ones stop (``max_surge_percent``), so requests keep
+being answered, each naming the version that answered it. The cluster needs room for the surge: one more replica's
+``num_cpus`` / ``num_gpus`` while the update runs (with none free, the update waits and the old version keeps serving).
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the route signatures' annotations as objects, and Serve's
+# ingress wrapper re-creates the methods where string annotations no longer resolve (a body becomes a query field).
+import logging
+import time
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+import torch
+from fastapi import FastAPI, HTTPException
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, StringConstraints
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from kdray import __version__
+from kdray.checkpoint import load_checkpoint
+from kdray.config import ServeConfig, from_dict
+from kdray.errors import ConfigError
+from kdray.predictor import Query, Recommendation, Recommender, RequestError
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "kdray"
+# Extra replicas a rolling update may start, as a percentage of the target (rounded up to whole replicas): with a
+# positive value Serve keeps the old replicas serving until their replacements are ready, instead of stopping them
+# first (its default, 0, leaves a one-replica deployment with no replica while the new one loads).
+ROLLING_UPDATE_SURGE_PERCENT = 25
+
+# ----------------------------------------------------------------------------------------------------------------
+# Request and response schemas (they are also the OpenAPI documentation at /docs)
+
+UserId = Annotated[
+    Union[StrictInt, Annotated[StrictStr, StringConstraints(max_length=256)]],
+    Field(description="raw user id as in the training data; an int is looked up as its decimal string"),
+]
+K = Annotated[StrictInt, Field(ge=1, description="number of items to return (at most the catalog and serve.max_k)")]
+ExcludeSeen = Annotated[StrictBool, Field(description="leave out the items the user interacted with in training")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is a 422, not silently ignored
+
+
+class RecommendRequest(_Strict):
+    user_id: UserId
+    k: K = 10
+    exclude_seen: ExcludeSeen = True
+
+
+class BatchRequest(_Strict):
+    user_ids: list[UserId] = Field(min_length=1, description="at most serve.max_request_batch users")
+    k: K = 10
+    exclude_seen: ExcludeSeen = True
+
+
+class ItemScore(BaseModel):
+    item_id: str
+    score: float = Field(description="model logit; for a cold-start user, the item's training interaction count")
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str = Field(description="short content hash of the checkpoint (meta.json + model.pt)")
+
+
+class UserRecommendations(BaseModel):
+    user_id: Union[int, str]
+    items: list[ItemScore]
+    cold_start: bool = Field(description="unknown user: the most popular items instead of personal ones")
+
+
+class RecommendResponse(UserRecommendations):
+    model: ModelRef
+
+
+class BatchResponse(BaseModel):
+    results: list[UserRecommendations]
+    model: ModelRef
+
+
+class Health(BaseModel):
+    status: str
+    model: ModelRef
+
+
+def _user_dict(rec: Recommendation) -> dict[str, Any]:
+    return {
+        "user_id": rec.user_id,
+        "items": [{"item_id": i, "score": s} for i, s in zip(rec.item_ids, rec.scores)],
+        "cold_start": rec.cold_start,
+    }
+
+
+def _unprocessable(field: str, message: str) -> HTTPException:
+    """A 422 shaped like FastAPI's own validation errors, so clients parse one error format."""
+    return HTTPException(status_code=422, detail=[{"loc": ["body", field], "msg": message, "type": "value_error"}])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The deployment. Serve's ingress decorator needs the FastAPI object when the class is defined, hence module level.
+
+api = FastAPI(
+    title="kdray recommender",
+    version=__version__,
+    description="Top-K recommendations from a distilled kdray student (or any kdray checkpoint).",
+)
+
+
+@serve.deployment(name="Recommender")
+@serve.ingress(api)
+class RecommenderDeployment:
+    """One replica: loads the checkpoint once, answers HTTP requests, batches concurrent single-user requests."""
+
+    def __init__(self, checkpoint_dir: str, serve_cfg: ServeConfig) -> None:
+        # Torch would otherwise start one thread per core of the node and fight the other replicas for them.
+        torch.set_num_threads(max(1, int(serve_cfg.num_cpus)))
+        device = "cuda" if serve_cfg.num_gpus > 0 else "cpu"
+        self.predictor = Recommender.from_checkpoint(checkpoint_dir, device=device, max_k=serve_cfg.max_k)
+        self.max_request_batch = serve_cfg.max_request_batch
+        self.model_ref = {"name": self.predictor.name, "version": self.predictor.version}
+        self.batches = self.batched_requests = 0  # evidence that @serve.batch forms batches (GET /model)
+        self._recommend_batched.set_max_batch_size(serve_cfg.max_batch_size)
+        self._recommend_batched.set_batch_wait_timeout_s(serve_cfg.batch_wait_timeout_s)
+        logger.info("serving %s version %s from %s on %s", self.predictor.name, self.predictor.version,
+                    checkpoint_dir, device)
+
+    def _check_k(self, k: int) -> None:
+        try:
+            self.predictor.check_k(k)
+        except RequestError as e:
+            raise _unprocessable(e.field, e.message) from None
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)  # replaced from ServeConfig in __init__
+    async def _recommend_batched(self, queries: list[Query]) -> list[Recommendation]:
+        self.batches += 1
+        self.batched_requests += len(queries)
+        return self.predictor.recommend_queries(queries)
+
+    @api.post("/recommend", response_model=RecommendResponse)
+    async def recommend(self, body: RecommendRequest) -> dict[str, Any]:
+        self._check_k(body.k)  # before batching: one bad request must not fail the batch it would join
+        rec = await self._recommend_batched(Query(body.user_id, body.k, body.exclude_seen))
+        return {**_user_dict(rec), "model": self.model_ref}
+
+    @api.post("/recommend/batch", response_model=BatchResponse)
+    async def recommend_batch(self, body: BatchRequest) -> dict[str, Any]:
+        if len(body.user_ids) > self.max_request_batch:
+            raise _unprocessable("user_ids", f"{len(body.user_ids)} users is more than the limit of "
+                                             f"{self.max_request_batch} per request (serve.max_request_batch)")
+        self._check_k(body.k)
+        recs = self.predictor.recommend(body.user_ids, body.k, body.exclude_seen)
+        return {"results": [_user_dict(r) for r in recs], "model": self.model_ref}
+
+    @api.get("/healthz", response_model=Health)
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "model": self.model_ref}
+
+    @api.get("/model")
+    async def model_info(self) -> dict[str, Any]:
+        """The checkpoint's description, plus this replica's batching counters (``replica``)."""
+        replica = {"batches": self.batches, "batched_requests": self.batched_requests}
+        return {**self.predictor.info(), "replica": replica}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building and running the application
+
+
+def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
+    """Serve deployment options from the kdray serve config: batching capacity, autoscaling, per-replica resources."""
+    return {
+        # Serve sends a replica at most this many requests at once; @serve.batch can only fill a batch of
+        # max_batch_size if it is at least that (config validation enforces it).
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "autoscaling_config": {
+            "min_replicas": cfg.min_replicas,
+            "max_replicas": cfg.max_replicas,
+            "target_ongoing_requests": cfg.target_ongoing_requests,
+        },
+        "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        "max_surge_percent": ROLLING_UPDATE_SURGE_PERCENT,
+    }
+
+
+def build_app(checkpoint_dir: str | Path, serve_cfg: ServeConfig = ServeConfig()) -> serve.Application:
+    """The Serve application for one checkpoint (for ``serve.run``; ``serve run`` YAML files use
+    :func:`app_builder`). The checkpoint is loaded here once, so a missing or corrupt one raises a
+    :class:`kdray.errors.CheckpointError` naming the file instead of failing every replica start."""
+    path = Path(checkpoint_dir).expanduser().resolve()
+    load_checkpoint(path)
+    return RecommenderDeployment.options(**deployment_options(serve_cfg)).bind(str(path), serve_cfg)
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Entry point for Serve config files (``import_path: kdray.serve:app_builder``); Serve passes the
+    application's ``args``:
+
+        checkpoint: the checkpoint directory (required; relative paths resolve against the working directory)
+        serve:      optional overrides of kdray's serve config (max_batch_size, max_k, min_replicas, num_cpus, ...)
+
+    Host, port and route prefix come from the Serve config file itself (``http_options``, ``route_prefix``).
+    """
+    unknown = set(args) - {"checkpoint", "serve"}
+    if unknown:
+        raise ConfigError(f"serve application args: unknown keys {sorted(unknown)}; allowed: checkpoint, serve")
+    if not args.get("checkpoint"):
+        raise ConfigError("serve application args: 'checkpoint' (the checkpoint directory) is required")
+    cfg = from_dict({"serve": dict(args.get("serve") or {})}).serve
+    return build_app(args["checkpoint"], cfg)
+
+
+def serve_checkpoint(ckpt_dir: Path, cfg: ServeConfig, blocking: bool = True) -> DeploymentHandle:
+    """Deploys ``ckpt_dir`` as the application ``kdray`` on the connected Ray cluster, listening on
+    ``cfg.host:cfg.port``. If the application is already running, this is a zero-downtime model update.
+
+    With ``blocking`` it serves until interrupted (Ctrl-C), then deletes the application; otherwise it returns
+    as soon as the new version is live and leaves it running."""
+    app = build_app(ckpt_dir, cfg)
+    # The HTTP options apply when Serve starts on a cluster; a Serve instance already running keeps its own.
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    handle = serve.run(app, name=APP_NAME, route_prefix=cfg.route_prefix)
+    url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+    print(f"kdray: serving {ckpt_dir} at {url}/recommend (API docs: {url}/docs)", flush=True)
+    if blocking:
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("kdray: stopping the endpoint", flush=True)
+            serve.delete(APP_NAME)
+    return handle
