@@ -141,7 +141,8 @@ class TuneConfig:
     grace_period: int = 1  # ASHA: epochs before a trial may be stopped
     reduction_factor: int = 2
     max_params_ratio: float = 0.1  # the winner must have at most this fraction of the teacher's parameters
-    storage_path: str | None = None  # None = RUN/tune; a local dir, shared filesystem or s3:// URI
+    storage_path: str | None = None  # None = RUN/tune/ray; a local dir, shared filesystem or s3:// URI
+    autoscaling: bool = False  # the cluster adds nodes for pending trials: skip the "can this ever run here" check
     space: dict[str, Any] = field(default_factory=dict)  # dotted key -> {"choice": [...]} | {"uniform": [a, b]} ...
 
 
@@ -151,7 +152,7 @@ class ServeConfig:
     port: int = 8000
     route_prefix: str = "/"
     max_batch_size: int = 32
-    batch_wait_timeout_s: float = 0.005
+    batch_wait_timeout_s: float = 0.0  # batches still form under load (BENCHMARKS.md); waiting only adds latency
     max_ongoing_requests: int = 64
     max_k: int = 100
     max_request_batch: int = 256

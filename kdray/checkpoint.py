@@ -1,0 +1,215 @@
+"""Self-describing model checkpoints: one directory, fixed file names, everything needed to rebuild and serve.
+
+Layout (``FILES``)::
+
+    model.pt          the state dict (tensors only; loaded with ``torch.load(weights_only=True)``)
+    model.json        model arguments for ``kdray.models.build_model`` and the parameter count
+    meta.json         format version, role (teacher/student), kdray version, creation time, teacher lineage
+    config.json       the resolved kdray config of the run that trained it
+    metrics.json      validation (and, once evaluated, test) metrics
+    vocab.npz         raw user and item ids (index = dense id) and each user's training items (CSR) for masking
+    train_state.pt    optional: optimiser, epoch, RNG state, for resuming an interrupted training
+
+Writes are atomic: files go to a temporary sibling directory that is renamed into place, so a crash mid-write never
+leaves a half checkpoint that later loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdray import __version__
+from kdray.errors import CheckpointError
+from kdray.models import RecModel, build_model, count_parameters, model_args
+from kdray.sparse import Csr
+
+FORMAT_VERSION = 1
+WEIGHTS, MODEL, META, CONFIG, METRICS, VOCAB, TRAIN_STATE = (
+    "model.pt", "model.json", "meta.json", "config.json", "metrics.json", "vocab.npz", "train_state.pt",
+)
+REQUIRED = (WEIGHTS, MODEL, META, CONFIG, VOCAB)
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """Raw ids for dense ids, and each user's training items (masked at serving and evaluation time)."""
+
+    user_ids: np.ndarray  # [n_users] str
+    item_ids: np.ndarray  # [n_items] str
+    seen: Csr  # users x items
+
+    def user_index(self) -> dict[str, int]:
+        return {raw: i for i, raw in enumerate(self.user_ids.tolist())}
+
+    def item_popularity(self) -> np.ndarray:
+        return np.bincount(self.seen.indices, minlength=self.seen.n_cols)
+
+
+@dataclass
+class Checkpoint:
+    model: RecModel
+    args: dict[str, Any]
+    meta: dict[str, Any]
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    vocab: Vocab
+    path: Path
+    train_state: dict[str, Any] | None = field(default=None, repr=False)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_checkpoint_files(
+    directory: Path,
+    model: RecModel,
+    *,
+    role: str,
+    config: dict[str, Any],
+    vocab: Vocab,
+    metrics: dict[str, Any] | None = None,
+    lineage: dict[str, Any] | None = None,
+    train_state: dict[str, Any] | None = None,
+) -> None:
+    """Writes the checkpoint files into an existing (empty) directory. Prefer :func:`save_checkpoint`."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    args = model_args(model)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"refusing to save a model with non-finite weights in {', '.join(bad[:3])}")
+    torch.save(state, directory / WEIGHTS)
+    _write_json(directory / MODEL, {"args": args, "n_params": count_parameters(model)})
+    _write_json(directory / META, {
+        "format_version": FORMAT_VERSION,
+        "kdray_version": __version__,
+        "role": role,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "lineage": lineage or {},
+    })
+    _write_json(directory / CONFIG, config)
+    _write_json(directory / METRICS, metrics or {})
+    np.savez(
+        directory / VOCAB,
+        user_ids=np.asarray(vocab.user_ids, dtype=str),
+        item_ids=np.asarray(vocab.item_ids, dtype=str),
+        seen_indptr=vocab.seen.indptr,
+        seen_indices=vocab.seen.indices,
+    )
+    if train_state is not None:
+        torch.save(train_state, directory / TRAIN_STATE)
+
+
+def save_checkpoint(directory: str | Path, model: RecModel, **kwargs: Any) -> Path:
+    """Atomically writes a checkpoint to ``directory`` (replacing an existing one). Keyword arguments as
+    :func:`write_checkpoint_files`."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        write_checkpoint_files(tmp, model, **kwargs)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def update_metrics(directory: str | Path, metrics: dict[str, Any]) -> None:
+    """Merges ``metrics`` into the checkpoint's metrics.json (written via a temporary file and a rename)."""
+    directory = Path(directory)
+    current = json.loads((directory / METRICS).read_text()) if (directory / METRICS).exists() else {}
+    current.update(metrics)
+    tmp = directory / f".{METRICS}.tmp"
+    _write_json(tmp, current)
+    os.replace(tmp, directory / METRICS)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint file {path} is unreadable or corrupt: {e}") from None
+
+
+def load_checkpoint(directory: str | Path, *, map_location: str | torch.device = "cpu",
+                    with_train_state: bool = False) -> Checkpoint:
+    """Loads and rebuilds a checkpoint. Never unpickles arbitrary objects (``weights_only=True``); a missing,
+    truncated or corrupt file raises :class:`CheckpointError` naming it."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    missing = [name for name in REQUIRED if not (directory / name).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{directory} is not a complete kdray checkpoint: missing {', '.join(missing)} (expected {', '.join(REQUIRED)})"
+        )
+    meta = _read_json(directory / META)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{directory / META}: checkpoint format {meta.get('format_version')!r}, this kdray reads {FORMAT_VERSION}"
+        )
+    model_info = _read_json(directory / MODEL)
+    config = _read_json(directory / CONFIG)
+    metrics = _read_json(directory / METRICS) if (directory / METRICS).is_file() else {}
+    try:
+        state = torch.load(directory / WEIGHTS, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"checkpoint weights {directory / WEIGHTS} cannot be loaded: {e}") from None
+    try:
+        with np.load(directory / VOCAB, allow_pickle=False) as z:
+            user_ids, item_ids = z["user_ids"], z["item_ids"]
+            indptr, indices = z["seen_indptr"], z["seen_indices"]
+    except Exception as e:
+        raise CheckpointError(f"checkpoint vocabulary {directory / VOCAB} cannot be loaded: {e}") from None
+    args = model_info.get("args")
+    if not isinstance(args, dict):
+        raise CheckpointError(f"{directory / MODEL}: no model arguments")
+    try:
+        model = build_model(**args)
+        model.load_state_dict(state)
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{directory}: weights do not match the model arguments in {MODEL}: {e}") from None
+    model.to(map_location).eval()
+    if len(user_ids) != model.n_users or len(item_ids) != model.n_items or len(indptr) != model.n_users + 1:
+        raise CheckpointError(
+            f"{directory / VOCAB}: {len(user_ids)} users / {len(item_ids)} items do not match the model's "
+            f"{model.n_users} / {model.n_items}"
+        )
+    vocab = Vocab(user_ids=user_ids, item_ids=item_ids,
+                  seen=Csr(indptr=indptr, indices=indices, n_rows=model.n_users, n_cols=model.n_items))
+    train_state = None
+    if with_train_state and (directory / TRAIN_STATE).is_file():
+        try:
+            train_state = torch.load(directory / TRAIN_STATE, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"training state {directory / TRAIN_STATE} cannot be loaded: {e}") from None
+    return Checkpoint(model=model, args=args, meta=meta, config=config, metrics=metrics, vocab=vocab,
+                      path=directory, train_state=train_state)

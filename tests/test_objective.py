@@ -1,0 +1,147 @@
+"""The per-batch objective, without Ray: candidates, targets, the teacher's logits, and the combined loss."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from kdray import losses
+from kdray.config import Config, replace
+from kdray.models import build_model
+from kdray.objective import (CACHED_FILL, Objective, batch_from_lists, batch_loss, cached_teacher_logits,
+                             sampling_log_q, teacher_logits)
+from kdray.train import LocalShard
+
+N_USERS, N_ITEMS = 6, 12
+
+
+@pytest.fixture
+def models():
+    torch.manual_seed(0)
+    student = build_model("mf", n_users=N_USERS, n_items=N_ITEMS, dim=4)
+    teacher = build_model("mf", n_users=N_USERS, n_items=N_ITEMS, dim=16).eval()
+    return student, teacher
+
+
+@pytest.fixture
+def batch():
+    # users 1, 3, 4 with items {0, 5}, {2}, {7, 8, 11}
+    return batch_from_lists(np.array([1, 3, 4]), np.array([0, 2, 3, 6]), np.array([0, 5, 2, 7, 8, 11]))
+
+
+def test_batch_from_lists_flattens_ragged_items(batch):
+    assert batch.users.tolist() == [1, 3, 4]
+    assert batch.pos_rows.tolist() == [0, 0, 1, 2, 2, 2]
+    assert batch.pos_items.tolist() == [0, 5, 2, 7, 8, 11]
+
+
+def test_full_catalog_softmax_matches_manual(models, batch):
+    student, _ = models
+    obj = Objective(n_items=N_ITEMS, hard_loss="softmax", n_negatives=4)
+    loss, parts = batch_loss(student, [], batch, obj)
+    logp = torch.log_softmax(student.score_all(batch.users), dim=1)
+    manual = -logp[batch.pos_rows, batch.pos_items].mean()
+    assert torch.allclose(loss, manual, atol=1e-6)
+    assert set(parts) == {"hard"}
+
+
+def test_alpha_zero_ignores_teacher_and_alpha_one_is_pure_distillation(models, batch):
+    student, teacher = models
+    base = dict(n_items=N_ITEMS, hard_loss="softmax", n_negatives=4, distill="kl", temperature=2.0)
+    hard_only, _ = batch_loss(student, [teacher], batch, Objective(**base, alpha=0.0))
+    alone, _ = batch_loss(student, [], batch, Objective(n_items=N_ITEMS, hard_loss="softmax", n_negatives=4))
+    assert torch.allclose(hard_only, alone)
+    pure, parts = batch_loss(student, [teacher], batch, Objective(**base, alpha=1.0, mask_seen=False))
+    s, t = student.score_all(batch.users), teacher.score_all(batch.users)
+    assert torch.allclose(pure, losses.kl_distill(s, t, 2.0), atol=1e-6)
+    assert parts["distill"] == pytest.approx(float(pure), rel=1e-5)
+
+
+def test_mask_seen_leaves_training_positives_out(models, batch):
+    student, teacher = models
+    obj = Objective(n_items=N_ITEMS, hard_loss="softmax", n_negatives=4, distill="kl", alpha=1.0, mask_seen=True)
+    loss, _ = batch_loss(student, [teacher], batch, obj)
+    s, t = student.score_all(batch.users), teacher.score_all(batch.users)
+    mask = torch.zeros_like(s, dtype=torch.bool)
+    mask[batch.pos_rows, batch.pos_items] = True
+    assert torch.allclose(loss, losses.kl_distill(s, t, 1.0, mask=mask), atol=1e-6)
+
+
+def test_teacher_logits_are_frozen_and_detached(models, batch):
+    student, teacher = models
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    obj = Objective(n_items=N_ITEMS, hard_loss="softmax", n_negatives=4, distill="rd", alpha=0.5, topk=3)
+    loss, _ = batch_loss(student, [teacher], batch, obj)
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
+    (t,) = teacher_logits([teacher], batch, None)
+    assert not t.requires_grad and not t.is_inference()
+
+
+def test_sampled_candidates_contain_every_positive_and_scores_match(models, batch):
+    student, teacher = models
+    obj = Objective(n_items=N_ITEMS, hard_loss="sampled_softmax", n_negatives=3, distill="mse", alpha=0.5)
+    log_q = sampling_log_q(np.arange(N_ITEMS))
+    gen = torch.Generator().manual_seed(0)
+    loss, parts = batch_loss(student, [teacher], batch, obj, log_q, gen)
+    assert torch.isfinite(loss) and set(parts) == {"hard", "distill"}
+    from kdray.objective import _candidates
+
+    cand, targets = _candidates(batch, obj, log_q, torch.Generator().manual_seed(0))
+    assert set(batch.pos_items.tolist()) <= set(cand.tolist())
+    assert targets.sum() == len(batch.pos_items)
+    (t,) = teacher_logits([teacher], batch, cand)
+    assert torch.allclose(t, teacher.score_all(batch.users)[:, cand], atol=1e-5)
+
+
+@pytest.mark.parametrize("hard", ["bpr", "bce"])
+def test_pairwise_and_pointwise_losses_are_finite_and_train(models, batch, hard):
+    student, _ = models
+    obj = Objective(n_items=N_ITEMS, hard_loss=hard, n_negatives=4)
+    opt = torch.optim.Adam(student.parameters(), lr=0.05)
+    first = None
+    for step in range(30):
+        loss, _ = batch_loss(student, [], batch, obj, gen=torch.Generator().manual_seed(step))
+        first = first if first is not None else float(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < first
+
+
+def test_cached_top_k_block_puts_logits_at_their_items(batch):
+    batch.teacher_items = torch.tensor([[3, 4], [0, 1], [2, 9]])
+    batch.teacher_logits = torch.tensor([[5.0, 4.0], [3.0, 2.0], [1.0, 0.5]])
+    dense = cached_teacher_logits(batch, None, N_ITEMS)
+    assert dense.shape == (3, N_ITEMS)
+    assert dense[0, 3] == 5.0 and dense[2, 9] == 0.5 and dense[1, 5] == CACHED_FILL
+    cand = torch.tensor([0, 1, 2, 3, 4, 9])
+    sub = cached_teacher_logits(batch, cand, N_ITEMS)
+    assert torch.equal(sub, dense[:, cand])
+
+
+def test_objective_from_config_roles():
+    cfg = replace(Config(), **{"distill.loss": "kl", "distill.alpha": 0.7})
+    teacher = Objective.from_config(cfg, "teacher", 10)
+    student = Objective.from_config(cfg, "student", 10)
+    assert not teacher.distilling and teacher.alpha == 0.0
+    assert student.distilling and student.alpha == 0.7 and student.distill == "kl"
+
+
+def test_local_shard_batches_cover_every_row_once_per_epoch():
+    table = pa.table({"user": pa.array([5, 2, 9, 1, 7], pa.int64()),
+                      "items": pa.array([[1], [2, 3], [4], [5, 6, 7], [8]], pa.list_(pa.int64()))})
+    shard = LocalShard.from_tables([table.slice(0, 2), table.slice(2)])
+    assert len(shard) == 5
+    batches = shard.batches(2, 3, np.random.default_rng(0))
+    users = sorted(u for b in batches for u in b.users.tolist())
+    assert users == [1, 2, 5, 7, 9]
+    items_of = {int(b.users[r]): [] for b in batches for r in range(len(b.users))}
+    for b in batches:
+        for r, i in zip(b.pos_rows.tolist(), b.pos_items.tolist()):
+            items_of[int(b.users[r])].append(i)
+    assert items_of == {5: [1], 2: [2, 3], 9: [4], 1: [5, 6, 7], 7: [8]}
+    # more steps than the shard has rows: rows are reused, never invented (DDP needs equal step counts)
+    more = shard.batches(2, 4, np.random.default_rng(1))
+    assert len(more) == 4 and {u for b in more for u in b.users.tolist()} <= {1, 2, 5, 7, 9}

@@ -1,0 +1,148 @@
+"""Integration: teacher and student on Ray Train (the shared local cluster), checkpoints, the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kdray.checkpoint import load_checkpoint
+from kdray.cli import main
+from kdray.config import load_config
+from kdray.evaluate import evaluate_checkpoint
+from kdray.pipeline import alone, prepare_data
+from kdray.train import train_model
+
+pytestmark = pytest.mark.ray
+
+TINY = [
+    "data.n_users=120", "data.n_items=80", "data.n_interactions=3000", "data.n_clusters=4",
+    "teacher.name=mf", "teacher.dim=32", "teacher.hidden=[]", "student.dim=4",
+    "teacher_train.epochs=3", "student_train.epochs=2", "teacher_train.lr=0.02", "student_train.lr=0.02",
+    "teacher_train.batch_size=32", "student_train.batch_size=32", "eval.batch_size=64",
+]
+
+
+def tiny(tmp_path: Path, *extra: str):
+    return load_config(None, [*TINY, f"runs_dir={tmp_path}", *extra])
+
+
+def _weights_digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256((path / "model.pt").read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trained(ray_cluster, tmp_path_factory):
+    """One teacher trained once for the module (Ray Train, 1 worker)."""
+    tmp = tmp_path_factory.mktemp("train")
+    cfg = tiny(tmp)
+    data = prepare_data(cfg)
+    outcome = train_model(cfg, "teacher", data, out_dir=cfg.run_dir / "teacher", name="teacher-test")
+    return cfg, data, outcome
+
+
+def test_teacher_trains_loss_falls_and_checkpoint_loads(trained):
+    cfg, data, outcome = trained
+    losses = [h["loss"] for h in outcome.history]
+    assert len(losses) == cfg.teacher_train.epochs
+    assert losses[-1] < losses[0]
+    ckpt = load_checkpoint(outcome.checkpoint)
+    assert ckpt.meta["role"] == "teacher"
+    assert ckpt.model.n_items == data.n_items and ckpt.args["dim"] == 32
+    assert ckpt.metrics["valid_ndcg@10"] == pytest.approx(max(h["ndcg@10"] for h in outcome.history))
+    assert list(ckpt.vocab.item_ids) == list(data.item_ids)
+    metrics = evaluate_checkpoint(outcome.checkpoint, data, ks=(10,))
+    assert 0.0 <= metrics["test_ndcg@10"] <= 1.0 and metrics["n_params"] == 32 * (data.n_users + data.n_items) + data.n_items
+
+
+@pytest.mark.parametrize("extra", [
+    ["distill.loss=rd", "distill.alpha=0.5"],
+    ["distill.loss=kl", "distill.alpha=0.5", "distill.temperature=2", "ray.num_workers=2", "ray.cpus_per_worker=0.5"],
+    ["distill.loss=rd", "distill.cached_topk=true", "distill.init_from_teacher=true", "ray.shard_mode=stream"],
+    ["distill.loss=mse", "student_train.hard_loss=sampled_softmax", "student_train.n_negatives=16"],
+], ids=["rd", "kl-ddp2", "rd-cached-pca-stream", "mse-sampled"])
+def test_student_distils_without_touching_the_teacher(trained, extra):
+    cfg, data, teacher = trained
+    cfg = load_config(None, [*TINY, f"runs_dir={cfg.runs_dir}", *extra])
+    before = _weights_digest(teacher.checkpoint)
+    out_dir = cfg.run_dir / f"student-{'-'.join(extra)[:40]}"
+    outcome = train_model(cfg, "student", data, out_dir=out_dir, name=out_dir.name, teachers=[teacher.checkpoint])
+    assert _weights_digest(teacher.checkpoint) == before
+    assert all(np.isfinite(h["loss"]) for h in outcome.history)
+    assert all("distill" in h for h in outcome.history)
+    ckpt = load_checkpoint(out_dir)
+    assert ckpt.meta["lineage"]["teachers"] == [str(teacher.checkpoint.resolve())]
+    assert ckpt.model.n_items == data.n_items
+
+
+def test_student_alone_has_no_distillation_term(trained):
+    cfg, data, _ = trained
+    control = alone(cfg)
+    outcome = train_model(control, "student", data, out_dir=cfg.run_dir / "alone", name="alone-test")
+    assert all("distill" not in h for h in outcome.history)
+    assert load_checkpoint(outcome.checkpoint).meta["lineage"]["teachers"] == []
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_saves_nothing(trained):
+    cfg, data, _ = trained
+    bad = load_config(None, [*TINY, f"runs_dir={cfg.runs_dir}", "teacher_train.lr=1e30", "teacher_train.epochs=2"])
+    from kdray.train import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match="lower teacher_train.lr"):
+        train_model(bad, "teacher", data, out_dir=cfg.run_dir / "nan-teacher", name="nan-teacher")
+    assert not (cfg.run_dir / "nan-teacher").exists()
+
+
+def test_kdray_run_end_to_end(ray_cluster, tmp_path, capsys):
+    assert main(["run", *TINY, f"runs_dir={tmp_path}", "name=e2e"]) == 0
+    run = tmp_path / "e2e"
+    summary = json.loads((run / "metrics.json").read_text())
+    models = [r["model"] for r in summary["rows"]]
+    assert models == ["teacher", "student (distilled)", "student (alone)"]
+    for r in summary["rows"]:
+        assert 0.0 <= r["test_ndcg@10"] <= 1.0 and r["latency_ms_per_1000_users"] > 0
+    assert summary["rows"][1]["compression"] < 0.2
+    assert (run / "report.md").read_text().startswith("# kdray run `e2e`")
+    assert (run / "config.yaml").exists() and (run / "data" / "train_by_user.parquet").exists()
+    out = capsys.readouterr().out
+    assert "| student (distilled) |" in out and "ndcg@10 (test)" in out
+    # running the same command again reuses every finished stage instead of training again
+    assert main(["run", *TINY, f"runs_dir={tmp_path}", "name=e2e"]) == 0
+    assert capsys.readouterr().out.count("reusing") == 3
+
+
+def test_cli_stages_one_at_a_time(ray_cluster, tmp_path, capsys):
+    args = [*TINY, f"runs_dir={tmp_path}", "name=stages"]
+    assert main(["data", *args]) == 0
+    assert main(["teacher", *args]) == 0
+    teacher = tmp_path / "stages" / "teacher"
+    assert main(["distill", "--teacher", str(teacher), *args]) == 0
+    assert main(["eval", "--checkpoint", str(tmp_path / "stages" / "student"), *args]) == 0
+    out = capsys.readouterr().out
+    assert "test_ndcg@10:" in out and "student checkpoint:" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "data.source=ml-100k", "data.path=/nonexistent/ml-100k"], "/nonexistent/ml-100k"),
+    (["run", "student.wings=3"], "unknown key student.wings"),
+    (["run", "--config", "/nonexistent.yaml"], "config file /nonexistent.yaml does not exist"),
+    (["distill", "--teacher", "/nonexistent/teacher"], "teacher checkpoint /nonexistent/teacher does not exist"),
+    (["eval", "--checkpoint", "/nonexistent/ckpt"], "checkpoint directory /nonexistent/ckpt does not exist"),
+])
+def test_cli_bad_input_is_one_clear_line(tmp_path, capsys, argv, message):
+    assert main([*argv, f"runs_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kdray: error: ") and message in err
+    assert "Traceback" not in err
+
+
+def test_teacher_from_another_catalog_is_rejected(trained, tmp_path, capsys):
+    _, _, teacher = trained
+    args = [*TINY, "data.n_items=60", f"runs_dir={tmp_path}", "name=other"]
+    assert main(["distill", "--teacher", str(teacher.checkpoint), *args]) == 2
+    assert "trained on" in capsys.readouterr().err
