@@ -1,0 +1,683 @@
+"""Interactions in, train/valid/test splits out: loaders, filtering, id vocabularies, splits, the prepared Parquet.
+
+``prepare(cfg, out_dir)`` is the one entry point the pipeline needs:
+
+1. **Load** (:func:`load_raw`) the source named by ``DataConfig.source``: MovieLens 100K (``u.data``, with ``u.item``
+   genres and ``u.user`` demographics as side features), 1M/10M (``ratings.dat``, ``::``), 20M/25M
+   (``ratings.csv``), the LightGCN layout (``train.txt``/``test.txt``, ``user item item ...`` per line, its own
+   split), a CSV/Parquet file with a column map, or the built-in generator (:mod:`kdray.synthetic`; the default).
+   Side features exist for ml-100k only: users [age min-max scaled, gender one-hot, occupation one-hot], items the
+   19 genre flags, float32, row = dense id. Files are read with the pandas C parser / pyarrow (1M interactions in
+   under a second, 20M in seconds); any malformed input raises :class:`~kdray.errors.DataError` naming the file,
+   the line (1-based) or column, and what was expected.
+2. **Filter**, in this order: keep ``rating >= min_rating`` (implicit feedback); de-duplicate (user, item) pairs
+   keeping the latest (by timestamp, else the later line; in a given split the test copy); k-core: repeatedly drop
+   users and items with fewer than ``k_core`` interactions until none is left (the k-core is unique, so the order
+   of removal does not matter).
+3. **Vocabulary**: dense ids 0..n-1 in the order of the raw ids (numeric order for numeric ids), saved so every
+   dense id maps back to its raw id. Only users and items with a surviving interaction get an id (a LightGCN user
+   line without items adds no user).
+4. **Split** per user (no (user, item) pair is in two splits; their union is the filtered data):
+   ``random``: RecBole's ratio split: each user's interactions shuffled (seeded) and cut by ``split_ratios``
+   (valid and test get floor(ratio * n), or one when 0 < ratio * n < 1 while the user keeps > 1 train item: every
+   user keeps at least one training item); ``loo`` (ignores ``split_ratios``): the latest interaction is test, the
+   second latest valid (a user with 2 interactions: train + test; with 1: train only);
+   ``given``: the file's own test set; valid is carved out of each user's training items with the share
+   ``valid / (train + valid)`` of ``split_ratios``, like ``random``.
+5. **Write** Parquet under ``out_dir`` atomically (a temporary folder renamed into place) with ``meta.json``
+   holding ``config.fingerprint(cfg)``: a later ``prepare`` with the same config (and unchanged input files)
+   reuses it.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kdray.config import DataConfig, fingerprint, to_dict
+from kdray.download import download_movielens  # also re-exported: kdray.data.download_movielens
+from kdray.errors import DataError
+from kdray.sparse import Csr
+from kdray.synthetic import generate
+
+FORMAT_VERSION = 1
+META = "meta.json"
+SPLITS = ("train", "valid", "test")
+TRAIN_BY_USER = "train_by_user.parquet"  # user:int64, items:list<int64> -- the Ray Data training input
+USERS, ITEMS = "users.parquet", "items.parquet"
+USER_FEATURES, ITEM_FEATURES = "user_features.npy", "item_features.npy"
+ML_RATINGS = {"ml-100k": "u.data", "ml-1m": "ratings.dat", "ml-10m": "ratings.dat", "ml-20m": "ratings.csv",
+              "ml-25m": "ratings.csv"}
+RATING_FIELDS = ("user", "item", "rating", "timestamp")
+
+
+@dataclass(frozen=True, eq=False)
+class Features:
+    """Side features of users or items, keyed by raw id."""
+
+    ids: np.ndarray  # [n] raw ids
+    values: np.ndarray  # [n, F] float32
+    names: tuple[str, ...]  # [F] column names, e.g. "gender=F"
+    source: Path | None = None  # the file they came from (for messages)
+
+
+@dataclass(frozen=True, eq=False)
+class RawData:
+    """Interactions as read, one entry per row: raw ids, nothing filtered or remapped."""
+
+    users: np.ndarray  # [N] raw user ids (int64, or str for a CSV/Parquet with string ids)
+    items: np.ndarray  # [N] raw item ids
+    ratings: np.ndarray | None = None  # [N] float64
+    timestamps: np.ndarray | None = None  # [N] int64 or float64, any unit: only the order is used
+    is_test: np.ndarray | None = None  # [N] bool: the file's own test split (lightgcn)
+    user_features: Features | None = None
+    item_features: Features | None = None
+    files: tuple[Path, ...] = ()  # the files read (recorded in meta.json; a change triggers a fresh prepare)
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedData:
+    """Filtered, re-indexed and split interactions; ``train/valid/test`` are user x item CSR indexes."""
+
+    path: Path
+    n_users: int
+    n_items: int
+    train: Csr
+    valid: Csr
+    test: Csr
+    user_ids: np.ndarray  # [n_users] raw ids as str; index = dense id
+    item_ids: np.ndarray  # [n_items]
+    user_features: np.ndarray | None  # [n_users, Fu] float32
+    item_features: np.ndarray | None  # [n_items, Fi] float32
+    meta: dict[str, Any]
+
+    def item_popularity(self) -> np.ndarray:
+        """[n_items] int64: training interactions per item."""
+        return np.bincount(self.train.indices, minlength=self.n_items).astype(np.int64)
+
+    @functools.cached_property
+    def _user_index(self) -> dict[str, int]:
+        return {raw: i for i, raw in enumerate(self.user_ids.tolist())}
+
+    @functools.cached_property
+    def _item_index(self) -> dict[str, int]:
+        return {raw: i for i, raw in enumerate(self.item_ids.tolist())}
+
+    def raw_to_user(self, raw: str | int) -> int | None:
+        """The dense id of a raw user id (``"196"`` or ``196``), None when the user is unknown (cold start)."""
+        return self._user_index.get(str(raw))
+
+    def raw_to_item(self, raw: str | int) -> int | None:
+        return self._item_index.get(str(raw))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading text tables with line-accurate errors.
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise DataError(f"{path} does not exist; expected {what}")
+    if path.is_file() and path.stat().st_size == 0:
+        raise DataError(f"{path} is empty; expected {what}")
+    return path
+
+
+def _line(path: Path, number: int, encoding: str = "latin-1") -> str:
+    """Line ``number`` (1-based) of a file, for error messages only."""
+    with path.open("r", encoding=encoding, newline="") as f:
+        for i, text in enumerate(f, 1):
+            if i == number:
+                return text.rstrip("\r\n")
+    return ""
+
+
+def _first_bad_line(path: Path, sep: str, n_fields: int) -> tuple[int, str]:
+    """The first non-blank line without ``n_fields`` fields (error path only)."""
+    with path.open("r", encoding="latin-1", newline="") as f:
+        for i, text in enumerate(f, 1):
+            text = text.rstrip("\r\n")
+            if text.strip() and len(text.split(sep)) != n_fields:
+                return i, text
+    return 1, _line(path, 1)
+
+
+def _read_text_table(path: Path, fields: Sequence[str], what: str, *, sep: str, header: bool = False,
+                     data: bytes | None = None, shown_sep: str | None = None,
+                     required: Sequence[str] | None = None, quoting: int = csv.QUOTE_NONE) -> pd.DataFrame:
+    """Reads a delimited file with the pandas C parser into columns ``fields``; blank lines are skipped. Wrong
+    field counts, empty ``required`` fields (default: all) and unparsable files raise DataError naming the line.
+    ``data`` replaces the file's bytes (``::`` files are re-delimited first); ``shown_sep`` is the separator named
+    in messages. ``quoting``: MovieLens files use none (a title may hold a '"'); CSV files may quote fields.
+    The returned frame's index is each row's line number."""
+    shown_sep = shown_sep or sep
+    first = 2 if header else 1  # line number of the first data row
+    try:
+        df = pd.read_csv(io.BytesIO(data) if data is not None else path, sep=sep, header=0 if header else None,
+                         engine="c", quoting=quoting, skip_blank_lines=False, encoding="latin-1",
+                         low_memory=False)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path} is empty; expected {what}") from None
+    except pd.errors.ParserError as e:
+        m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(e))
+        if not m:
+            raise DataError(f"{path}: cannot parse ({e}); expected {what}") from None
+        line = int(m.group(2))
+        raise DataError(f"{path} line {line}: expected {len(fields)} fields separated by {shown_sep!r} ({what}), "
+                        f"found {m.group(3)}: {_line(path, line)!r}") from None
+    blank = df.isna().all(axis=1).to_numpy()
+    if header:
+        missing = [c for c in fields if c not in df.columns]
+        if missing:
+            raise DataError(f"{path}: missing column {missing[0]!r}; the header has {list(df.columns)}, "
+                            f"expected {what}")
+        df = df[list(fields)]
+    elif df.shape[1] != len(fields):
+        line, text = _first_bad_line(path, shown_sep, len(fields))
+        raise DataError(f"{path} line {line}: expected {len(fields)} fields separated by {shown_sep!r} ({what}), "
+                        f"found {len(text.split(shown_sep))}: {text!r}")
+    else:
+        df.columns = list(fields)
+    if blank.any():
+        df = df[~blank]
+    df.index = np.flatnonzero(~blank) + first  # the line number of every row, for the messages below
+    if df.empty:
+        raise DataError(f"{path} has no data rows; expected {what}")
+    for col in required if required is not None else fields:
+        na = df[col].isna().to_numpy()
+        if na.any():
+            line = int(df.index[np.argmax(na)])
+            text = _line(path, line)
+            if len(text.split(shown_sep)) != len(fields):
+                raise DataError(f"{path} line {line}: found {len(text.split(shown_sep))} fields; expected "
+                                f"{len(fields)} separated by {shown_sep!r} ({what}): {text!r}")
+            raise DataError(f"{path} line {line}: column {col!r} is empty or NaN; expected a value ({what}): "
+                            f"{text!r}")
+    return df
+
+
+def _numeric(df: pd.DataFrame, col: str, path: Path, *, integer: bool, where: str = "line") -> np.ndarray:
+    """A column as int64/float64; the first non-numeric (or non-integer) value raises DataError with its row."""
+    values = df[col]
+    if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+        coerced = pd.to_numeric(values, errors="coerce")
+        bad = coerced.isna().to_numpy()
+        row = df.index[np.argmax(bad)]
+        raise DataError(f"{path} {where} {row}: {col} {values.loc[row]!r} is not a number"
+                        f"{' (expected an integer id)' if integer else ''}")
+    arr = values.to_numpy()
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        bad = int(np.argmax(~np.isfinite(arr)))
+        raise DataError(f"{path} {where} {df.index[bad]}: {col} is {arr[bad].item()}; expected a finite number")
+    if integer:
+        if arr.dtype.kind == "f":
+            frac = arr != np.round(arr)
+            if frac.any():
+                row = df.index[np.argmax(frac)]
+                raise DataError(f"{path} {where} {row}: {col} {arr[np.argmax(frac)].item()!r} is not an integer id")
+        return arr.astype(np.int64)
+    return arr.astype(np.float64)
+
+
+def _ratings_table(path: Path, source: str) -> RawData:
+    """MovieLens ratings: user, item, rating, timestamp (u.data: tab; ratings.dat: '::'; ratings.csv: header)."""
+    what = "user item rating timestamp"
+    _require(path, f"the {source} ratings file ({what})")
+    if path.name == "ratings.csv":
+        df = _read_text_table(path, ("userId", "movieId", "rating", "timestamp"),
+                              "a header userId,movieId,rating,timestamp", sep=",", header=True,
+                              quoting=csv.QUOTE_MINIMAL)
+        df.columns = list(RATING_FIELDS)
+    elif path.name == "ratings.dat":
+        # The C parser takes one-character separators only; '::' -> '\t' keeps the lines (and line numbers) intact.
+        df = _read_text_table(path, RATING_FIELDS, what, sep="\t", data=path.read_bytes().replace(b"::", b"\t"),
+                              shown_sep="::")
+    else:
+        df = _read_text_table(path, RATING_FIELDS, what, sep="\t")
+    return RawData(users=_numeric(df, "user", path, integer=True), items=_numeric(df, "item", path, integer=True),
+                   ratings=_numeric(df, "rating", path, integer=False),
+                   timestamps=_numeric(df, "timestamp", path, integer=True), files=(path,))
+
+
+def _ml100k_features(folder: Path) -> tuple[Features, Features, tuple[Path, ...]]:
+    """u.user -> [age min-max scaled, gender one-hot, occupation one-hot]; u.item -> the 19 genre flags."""
+    hint = "(or set data.side_features=false)"
+    upath, ipath = folder / "u.user", folder / "u.item"
+    _require(upath, f"u.user (user|age|gender|occupation|zip) for the side features {hint}")
+    users = _read_text_table(upath, ("user", "age", "gender", "occupation", "zip"), "user|age|gender|occupation|zip",
+                             sep="|", required=("user", "age", "gender", "occupation"))
+    age = _numeric(users, "age", upath, integer=False)
+    gender = users["gender"].astype(str).str.strip()
+    if not gender.isin(["M", "F"]).all():
+        row = users.index[np.argmax(~gender.isin(["M", "F"]).to_numpy())]
+        raise DataError(f"{upath} line {row}: gender {gender.loc[row]!r}; expected M or F")
+    occupation = users["occupation"].astype(str).str.strip()
+    occupations = sorted(occupation.unique())
+    span = age.max() - age.min()
+    uvalues = np.column_stack([(age - age.min()) / span if span > 0 else np.zeros_like(age),
+                               (gender == "F").to_numpy(), (gender == "M").to_numpy(),
+                               *[(occupation == o).to_numpy() for o in occupations]]).astype(np.float32)
+    unames = ("age", "gender=F", "gender=M", *(f"occupation={o}" for o in occupations))
+
+    _require(ipath, f"u.item (item|title|release|video release|url|19 genre flags) for the side features {hint}")
+    fields = ("item", "title", "release", "video_release", "url", *(f"g{j}" for j in range(19)))
+    items = _read_text_table(ipath, fields, "item|title|release date|video release date|IMDb URL|19 genre flags",
+                             sep="|", required=("item", *fields[5:]))
+    genres = np.column_stack([_numeric(items, f"g{j}", ipath, integer=True) for j in range(19)])
+    if not np.isin(genres, (0, 1)).all():
+        row = items.index[np.argmax(~np.isin(genres, (0, 1)).all(axis=1))]
+        raise DataError(f"{ipath} line {row}: genre flags must be 0 or 1")
+    gpath = folder / "u.genre"
+    names = [line.split("|")[0] for line in gpath.read_text(encoding="latin-1").splitlines() if line.strip()] \
+        if gpath.is_file() else []
+    inames = tuple(f"genre={g}" for g in names) if len(names) == 19 else tuple(f"genre_{j}" for j in range(19))
+    return (Features(_numeric(users, "user", upath, integer=True), uvalues, unames, upath),
+            Features(_numeric(items, "item", ipath, integer=True), genres.astype(np.float32), inames, ipath),
+            (upath, ipath))
+
+
+def _lightgcn_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``user item item ...`` per line (a user with no items is allowed) -> parallel (user, item) arrays."""
+    _require(path, "lines 'user item item ...' of integer ids (the LightGCN layout)")
+    lines = path.read_text(encoding="latin-1").splitlines()
+    parts = [line.split() for line in lines]
+    counts = np.array([len(p) for p in parts], dtype=np.int64)
+    try:
+        tokens = np.array([t for p in parts for t in p], dtype=np.int64)
+    except (ValueError, OverflowError):
+        line = next(i for i, p in enumerate(parts, 1) if not all(re.fullmatch(r"[+-]?\d+", t) for t in p))
+        raise DataError(f"{path} line {line}: expected integer ids 'user item item ...', got {lines[line - 1]!r}") \
+            from None
+    if tokens.size == 0:
+        raise DataError(f"{path} has no data lines; expected 'user item item ...'")
+    nonblank = counts > 0
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[nonblank]
+    users = tokens[starts]
+    n_items = counts[nonblank] - 1
+    item_mask = np.ones(tokens.size, dtype=bool)
+    item_mask[starts] = False
+    return np.repeat(users, n_items), tokens[item_mask]
+
+
+def _mapped_table(cfg: DataConfig, path: Path) -> RawData:
+    """A CSV or Parquet file (or Parquet folder) with the columns named by the config's column map."""
+    cols = [c for c in (cfg.user_col, cfg.item_col, cfg.rating_col, cfg.timestamp_col) if c]
+    what = f"the columns {cols} (data.user_col, item_col, rating_col, timestamp_col)"
+    _require(path, f"a {cfg.source} file with {what}")
+    if cfg.source == "csv":
+        df = _read_text_table(path, cols, what, sep=cfg.sep, header=True, quoting=csv.QUOTE_MINIMAL)
+        where = "line"
+    else:
+        try:
+            names = pq.read_schema(path).names if path.is_file() else pq.ParquetDataset(path).schema.names
+            missing = [c for c in cols if c not in names]
+            if missing:
+                raise DataError(f"{path}: missing column {missing[0]!r}; the file has {names}, expected {what}")
+            df = pq.read_table(path, columns=cols).to_pandas()
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+        if df.empty:
+            raise DataError(f"{path} has no rows; expected {what}")
+        df.index = np.arange(1, len(df) + 1)
+        where = "row"
+        for col in cols:
+            na = df[col].isna().to_numpy()
+            if na.any():
+                raise DataError(f"{path} row {df.index[np.argmax(na)]}: column {col!r} is missing (null)")
+
+    def ids(col: str) -> np.ndarray:
+        values = df[col]
+        if pd.api.types.is_integer_dtype(values) or pd.api.types.is_float_dtype(values):
+            return _numeric(df, col, path, integer=True, where=where)
+        return values.astype(str).str.strip().to_numpy(dtype=object)  # string ids, kept as text
+
+    timestamps = None
+    if cfg.timestamp_col:
+        col = df[cfg.timestamp_col]
+        if pd.api.types.is_numeric_dtype(col):
+            timestamps = _numeric(df, cfg.timestamp_col, path, integer=False, where=where)
+        else:
+            parsed = pd.to_datetime(col, errors="coerce", utc=True, format="mixed")
+            bad = parsed.isna().to_numpy()
+            if bad.any():
+                row = df.index[np.argmax(bad)]
+                raise DataError(f"{path} {where} {row}: {cfg.timestamp_col} {col.loc[row]!r} is neither a number "
+                                "nor a date/time")
+            timestamps = parsed.to_numpy(dtype="datetime64[ns]").astype(np.int64)
+    return RawData(users=ids(cfg.user_col), items=ids(cfg.item_col),
+                   ratings=_numeric(df, cfg.rating_col, path, integer=False, where=where) if cfg.rating_col else None,
+                   timestamps=timestamps, files=(path,))
+
+
+def _source_path(cfg: DataConfig) -> Path:
+    path = Path(cfg.path).expanduser() if cfg.path else None
+    if cfg.download and (path is None or not path.exists()):
+        return download_movielens(cfg.source, Path(cfg.cache_dir), cfg.url)
+    if path is None:
+        raise DataError(f"data.path is not set; data.source={cfg.source!r} reads files")
+    if not path.exists():
+        hint = " (or set data.download=true)" if cfg.source.startswith("ml-") else ""
+        raise DataError(f"data.path {path} does not exist{hint}")
+    return path
+
+
+def load_raw(cfg: DataConfig) -> RawData:
+    """Reads (or generates) the interactions named by ``cfg``: raw ids, no filtering."""
+    if cfg.source == "synthetic":
+        g = generate(n_users=cfg.n_users, n_items=cfg.n_items, n_interactions=cfg.n_interactions,
+                     n_clusters=cfg.n_clusters, latent_dim=cfg.latent_dim,
+                     popularity_exponent=cfg.popularity_exponent, seed=cfg.seed)
+        return RawData(users=g.users, items=g.items, timestamps=g.timestamps)
+    path = _source_path(cfg)
+    if cfg.source in ML_RATINGS:
+        folder = path.parent if path.is_file() else path
+        raw = _ratings_table(folder / ML_RATINGS[cfg.source], cfg.source)
+        if cfg.source == "ml-100k" and cfg.side_features:
+            ufeat, ifeat, files = _ml100k_features(folder)
+            raw = RawData(**{**raw.__dict__, "user_features": ufeat, "item_features": ifeat,
+                             "files": raw.files + files})
+        return raw
+    if cfg.source == "lightgcn":
+        if not path.is_dir():
+            raise DataError(f"data.path {path}: expected a folder holding train.txt and test.txt (LightGCN layout)")
+        tr_u, tr_i = _lightgcn_file(path / "train.txt")
+        te_u, te_i = _lightgcn_file(path / "test.txt")
+        return RawData(users=np.concatenate([tr_u, te_u]), items=np.concatenate([tr_i, te_i]),
+                       is_test=np.repeat([False, True], [tr_u.size, te_u.size]),
+                       files=(path / "train.txt", path / "test.txt"))
+    return _mapped_table(cfg, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Filtering and splitting (pure functions of arrays).
+
+
+def k_core(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
+    """Mask of the interactions in the k-core: the largest subset in which every user and every item has at least
+    ``k`` interactions (dense non-negative ids in, [N] bool out)."""
+    keep = np.ones(users.size, dtype=bool)
+    if k <= 1:
+        return keep
+    while True:
+        u, i = users[keep], items[keep]
+        ok = (np.bincount(u)[u] >= k) & (np.bincount(i)[i] >= k)
+        if ok.all():
+            return keep
+        keep[np.flatnonzero(keep)[~ok]] = False
+
+
+def ratio_counts(n: np.ndarray, ratios: Sequence[float]) -> np.ndarray:
+    """RecBole's ``_calcu_split_ids`` for every user at once: [len(n), len(ratios)] counts that sum to n. Parts
+    after the first get floor(ratio * n); one that would get less than one item gets one while the first part keeps
+    more than one, taking from the last part backwards."""
+    n = np.asarray(n, dtype=np.int64)
+    cnt = np.stack([np.floor(r * n).astype(np.int64) for r in ratios], axis=1)
+    cnt[:, 0] = n - cnt[:, 1:].sum(axis=1)
+    for j in range(len(ratios) - 1, 0, -1):
+        frac = ratios[j] * n
+        bump = (cnt[:, 0] > 1) & (frac > 0) & (frac < 1)
+        cnt[:, j] += bump
+        cnt[:, 0] -= bump
+    return cnt
+
+
+def split_labels(users: np.ndarray, order: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Split label (0 train, 1 valid, 2 test) of every interaction: within each user, the interactions taken in the
+    order of ``order`` (distinct integers, e.g. a permutation) get ``counts[u, 0]`` zeros, then ``counts[u, 1]``
+    ones, then twos. ``users`` are dense ids."""
+    n = users.size
+    by_user = np.argsort(users * np.int64(n) + order)  # one int64 sort, not a lexsort: 20M rows in ~2 s
+    n_per_user = np.bincount(users, minlength=counts.shape[0])
+    first = np.cumsum(n_per_user) - n_per_user
+    rank = np.empty(n, dtype=np.int64)
+    rank[by_user] = np.arange(n) - first[users[by_user]]  # position within the user's interactions
+    bounds = np.cumsum(counts, axis=1)  # [n_users, 3]: end of train, of valid, of test
+    return ((rank >= bounds[users, 0]).astype(np.int8) + (rank >= bounds[users, 1])).astype(np.int8)
+
+
+def _split(cfg: DataConfig, users: np.ndarray, when: np.ndarray | None, is_test: np.ndarray | None,
+           n_users: int) -> np.ndarray:
+    """Split label of every interaction (dense user ids) for ``cfg.split``; see the module docstring."""
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 0x5B17]))
+    n = np.bincount(users, minlength=n_users)
+    if cfg.split == "random":
+        return split_labels(users, rng.permutation(users.size), ratio_counts(n, cfg.split_ratios))
+    if cfg.split == "loo":
+        if when is None:
+            raise DataError(f"data.split='loo' orders interactions by time, but source {cfg.source!r} has no "
+                            "timestamps (set data.timestamp_col, or use split='random')")
+        valid, test = (n >= 3).astype(np.int64), (n >= 2).astype(np.int64)
+        counts = np.stack([n - valid - test, valid, test], axis=1)
+        # order by time; ties keep the file order (the later line is the later interaction)
+        rank = np.empty(users.size, dtype=np.int64)
+        rank[np.argsort(when, kind="stable")] = np.arange(users.size)
+        return split_labels(users, rank, counts)
+    if is_test is None:
+        raise DataError(f"data.split='given' needs a source with its own test set (lightgcn), not {cfg.source!r}")
+    labels = np.full(users.size, 2, dtype=np.int8)
+    tr = ~is_test
+    share = cfg.split_ratios[1] / (cfg.split_ratios[0] + cfg.split_ratios[1])
+    n_train = np.bincount(users[tr], minlength=n_users)
+    labels[tr] = split_labels(users[tr], rng.permutation(int(tr.sum())),
+                              ratio_counts(n_train, (1 - share, share, 0.0)))
+    return labels
+
+
+def _filter(cfg: DataConfig, raw: RawData) -> tuple[np.ndarray, dict[str, int]]:
+    """Indices into ``raw`` of the interactions that survive min_rating, de-duplication and the k-core."""
+    n_read = raw.users.size
+    idx = np.arange(n_read)
+    if cfg.min_rating is not None:
+        if raw.ratings is None:
+            raise DataError(f"data.min_rating={cfg.min_rating} keeps ratings >= it, but source {cfg.source!r} has no "
+                            "ratings (set data.rating_col, or data.min_rating=null)")
+        idx = idx[raw.ratings >= cfg.min_rating]
+    n_rated = idx.size
+    ucode = pd.factorize(raw.users[idx])[0].astype(np.int64)
+    icode = pd.factorize(raw.items[idx])[0].astype(np.int64)
+    key = ucode * (int(icode.max(initial=0)) + 1) + icode
+    if pd.Series(key).duplicated().any():
+        # latest copy wins: order by pair, then time (a given split's test copy counts as later), then file order
+        when = raw.is_test[idx] if raw.is_test is not None else raw.timestamps[idx] if raw.timestamps is not None \
+            else np.zeros(idx.size)
+        order = np.argsort(when, kind="stable")  # stable sorts: ties keep the file order
+        order = order[np.argsort(key[order], kind="stable")]
+        last = np.r_[key[order][1:] != key[order][:-1], True]
+        keep = np.sort(order[last])
+        idx, ucode, icode = idx[keep], ucode[keep], icode[keep]
+    n_unique = idx.size
+    idx = idx[k_core(ucode, icode, cfg.k_core)]
+    stats = {"read": n_read, "after_min_rating": n_rated, "after_dedup": n_unique, "after_k_core": idx.size}
+    if idx.size == 0:
+        raise DataError(f"no interactions left after filtering ({stats}): data.min_rating={cfg.min_rating}, "
+                        f"data.k_core={cfg.k_core} remove everything from {_describe(cfg, raw)}")
+    return idx, stats
+
+
+def _describe(cfg: DataConfig, raw: RawData) -> str:
+    return ", ".join(map(str, raw.files)) if raw.files else f"the {cfg.source} data"
+
+
+def _vocab(raw_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(dense codes, sorted unique raw ids): numeric ids in numeric order, string ids in text order."""
+    codes, uniques = pd.factorize(raw_ids, sort=True)
+    return codes.astype(np.int64), np.asarray(uniques)
+
+
+def _aligned(features: Features | None, raw_ids: np.ndarray, kind: str) -> np.ndarray | None:
+    """Feature rows in dense-id order; an id without a row is an error (a truncated features file)."""
+    if features is None:
+        return None
+    rows = pd.Index(features.ids).get_indexer(raw_ids)
+    if (rows < 0).any():
+        raise DataError(f"{features.source}: no row for {kind} {str(raw_ids[np.argmax(rows < 0)])!r}, which has "
+                        f"interactions; expected one row per {kind}")
+    return features.values[rows]
+
+
+def _csr(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int, source: Path | None = None) -> Csr:
+    """A Csr of distinct (user, item) pairs. Sorts unless already sorted (the prepared files are); pairs out of
+    range or repeated mean a corrupt ``source``. Faster than Csr.from_pairs, whose np.unique dominates 20M rows."""
+    keys = users.astype(np.int64) * np.int64(n_items) + items
+    if keys.size and not (np.diff(keys) > 0).all():
+        keys = np.sort(keys)
+    bad = keys.size and ((np.diff(keys) <= 0).any() or keys[0] < 0 or keys[-1] >= n_users * n_items
+                         or items.min() < 0 or items.max() >= n_items)
+    if bad:
+        raise DataError(f"{source}: user/item ids out of range or repeated pairs; delete the folder and prepare again")
+    indptr = np.searchsorted(keys, np.arange(n_users + 1, dtype=np.int64) * n_items).astype(np.int64)
+    return Csr(indptr=indptr, indices=keys % n_items, n_rows=n_users, n_cols=n_items)
+
+
+def _file_stamp(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _write(out: Path, data: dict[str, Any]) -> None:
+    """Writes every file of a prepared data set into the (fresh) folder ``out``; meta.json last."""
+    for name in SPLITS:
+        csr: Csr = data[name]
+        pq.write_table(pa.table({"user": csr.rows_of(), "item": csr.indices}), out / f"{name}.parquet")
+    train: Csr = data["train"]
+    has = np.flatnonzero(train.row_lengths())
+    offsets = np.concatenate([[0], np.cumsum(train.row_lengths()[has])]).astype(np.int32)
+    pq.write_table(pa.table({"user": pa.array(has, pa.int64()),
+                             "items": pa.ListArray.from_arrays(pa.array(offsets), pa.array(train.indices))}),
+                   out / TRAIN_BY_USER)
+    for name, col, ids in ((USERS, "user", data["user_ids"]), (ITEMS, "item", data["item_ids"])):
+        pq.write_table(pa.table({col: np.arange(ids.size, dtype=np.int64), "raw_id": pa.array(ids, pa.string())}),
+                       out / name)
+    for name, key in ((USER_FEATURES, "user_features"), (ITEM_FEATURES, "item_features")):
+        if data[key] is not None:
+            np.save(out / name, data[key], allow_pickle=False)
+    (out / META).write_text(json.dumps(data["meta"], indent=2, sort_keys=True))
+
+
+def _publish(tmp: Path, out_dir: Path, fp: str) -> None:
+    """Moves the finished ``tmp`` folder to ``out_dir``, replacing a stale one; a concurrent prepare that already
+    published the same fingerprint wins."""
+    old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
+    if out_dir.exists():
+        os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:
+        if _meta_fingerprint(out_dir) != fp:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _meta_fingerprint(out_dir: Path) -> str | None:
+    try:
+        meta = json.loads((out_dir / META).read_text())
+        return meta["fingerprint"] if meta.get("format_version") == FORMAT_VERSION else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _reusable(out_dir: Path, fp: str) -> PreparedData | None:
+    """The prepared data in ``out_dir`` when it was made from the same config and unchanged input files."""
+    if _meta_fingerprint(out_dir) != fp:
+        return None
+    try:
+        data = load_prepared(out_dir)
+    except DataError:
+        return None  # incomplete or corrupt: prepare again
+    for stamp in data.meta.get("inputs", []):
+        path = Path(stamp["path"])
+        # a missing input is fine (the prepared folder is self-contained); a changed one is not
+        if path.exists() and _file_stamp(path) != stamp:
+            return None
+    return data
+
+
+def prepare(cfg: DataConfig, out_dir: Path) -> PreparedData:
+    """Loads, filters, re-indexes and splits the data named by ``cfg`` into ``out_dir`` (see the module docstring);
+    reuses ``out_dir`` when its meta.json has this config's fingerprint and the input files are unchanged."""
+    out_dir = Path(out_dir)
+    fp = fingerprint(cfg)
+    existing = _reusable(out_dir, fp)
+    if existing is not None:
+        return existing
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / META).is_file():
+        raise DataError(f"{out_dir} exists and is not a prepared-data folder (no {META}); refusing to replace it")
+    raw = load_raw(cfg)
+    idx, stats = _filter(cfg, raw)
+    users, user_ids = _vocab(raw.users[idx])
+    items, item_ids = _vocab(raw.items[idx])
+    n_users, n_items = user_ids.size, item_ids.size
+    labels = _split(cfg, users, raw.timestamps[idx] if raw.timestamps is not None else None,
+                    raw.is_test[idx] if raw.is_test is not None else None, n_users)
+    splits = {name: _csr(users[labels == s], items[labels == s], n_users, n_items) for s, name in enumerate(SPLITS)}
+    stats.update({name: splits[name].nnz for name in SPLITS})
+    meta = {
+        "format_version": FORMAT_VERSION, "fingerprint": fp, "source": cfg.source, "split": cfg.split,
+        "config": to_dict(cfg), "n_users": n_users, "n_items": n_items, "counts": stats,
+        "inputs": [_file_stamp(f) for f in raw.files],
+        "user_feature_names": list(raw.user_features.names) if raw.user_features else None,
+        "item_feature_names": list(raw.item_features.names) if raw.item_features else None,
+    }
+    data = {**splits, "user_ids": user_ids.astype(str), "item_ids": item_ids.astype(str), "meta": meta,
+            "user_features": _aligned(raw.user_features, user_ids, "user"),
+            "item_features": _aligned(raw.item_features, item_ids, "item")}
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write(tmp, data)
+        _publish(tmp, out_dir, fp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return load_prepared(out_dir)
+
+
+def load_prepared(out_dir: Path) -> PreparedData:
+    """Reads a folder written by :func:`prepare`; DataError when it is missing, incomplete or corrupt."""
+    out_dir = Path(out_dir)
+    hint = "run `kdray data` (or prepare()) to create it"
+    if not (out_dir / META).is_file():
+        raise DataError(f"{out_dir}: no prepared data ({META} is missing); {hint}")
+    try:
+        meta = json.loads((out_dir / META).read_text())
+        n_users, n_items = int(meta["n_users"]), int(meta["n_items"])
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise DataError(f"{out_dir / META}: format version {meta.get('format_version')}, this kdray reads "
+                            f"{FORMAT_VERSION}; delete the folder and prepare again")
+        splits = {}
+        for name in SPLITS:
+            t = pq.read_table(out_dir / f"{name}.parquet", columns=["user", "item"])
+            path = out_dir / f"{name}.parquet"
+            splits[name] = _csr(t["user"].to_numpy(), t["item"].to_numpy(), n_users, n_items, path)
+        user_ids = pq.read_table(out_dir / USERS)["raw_id"].to_numpy(zero_copy_only=False).astype(str)
+        item_ids = pq.read_table(out_dir / ITEMS)["raw_id"].to_numpy(zero_copy_only=False).astype(str)
+        if not (out_dir / TRAIN_BY_USER).is_file():
+            raise FileNotFoundError(out_dir / TRAIN_BY_USER)
+        features = {}
+        for name, key in ((USER_FEATURES, "user_feature_names"), (ITEM_FEATURES, "item_feature_names")):
+            features[name] = np.load(out_dir / name, allow_pickle=False) if meta.get(key) else None
+    except DataError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as e:
+        raise DataError(f"{out_dir}: prepared data is incomplete or corrupt ({type(e).__name__}: {e}); "
+                        "delete the folder and prepare again") from None
+    if user_ids.size != n_users or item_ids.size != n_items:
+        raise DataError(f"{out_dir}: {USERS}/{ITEMS} list {user_ids.size}/{item_ids.size} ids, {META} says "
+                        f"{n_users}/{n_items}; delete the folder and prepare again")
+    return PreparedData(path=out_dir, n_users=n_users, n_items=n_items, **splits, user_ids=user_ids,
+                        item_ids=item_ids, user_features=features[USER_FEATURES],
+                        item_features=features[ITEM_FEATURES], meta=meta)
