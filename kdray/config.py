@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -169,10 +170,10 @@ class Config:
     runs_dir: str = "runs"
     device: Device = "auto"
     data: DataConfig = DataConfig()
-    teacher: ModelConfig = ModelConfig(name="two_tower", dim=256, hidden=(512, 256))
+    teacher: ModelConfig = ModelConfig(name="mf", dim=256)
     student: ModelConfig = ModelConfig(name="mf", dim=16)
-    teacher_train: TrainConfig = TrainConfig()
-    student_train: TrainConfig = TrainConfig()
+    teacher_train: TrainConfig = TrainConfig(lr=3e-3)
+    student_train: TrainConfig = TrainConfig(lr=1e-2)
     distill: DistillConfig = DistillConfig()
     ray: RayConfig = RayConfig()
     eval: EvalConfig = EvalConfig()
@@ -398,7 +399,21 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({e.problem})") from None
-    return key.strip(), value
+    return key.strip(), _yaml11_float(value)
+
+
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _yaml11_float(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; everyone means the number."""
+    if isinstance(value, str) and _FLOAT.match(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [_yaml11_float(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _yaml11_float(v) for k, v in value.items()}
+    return value
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
@@ -425,7 +440,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = _yaml11_float(yaml.safe_load(path.read_text()) or {})
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path}: not valid YAML: {e}") from None
         if not isinstance(tree, dict):

@@ -117,10 +117,11 @@ def _candidates(batch: Batch, obj: Objective, log_q: Tensor | None, gen: torch.G
     return cand, targets
 
 
-def _score(model: RecModel, users: Tensor, cand: Tensor | None) -> Tensor:
+def _score(model: torch.nn.Module, users: Tensor, cand: Tensor | None) -> Tensor:
+    """Through ``forward`` (``score_all`` or ``score``), so that a DistributedDataParallel wrapper syncs gradients."""
     if cand is None:
-        return model.score_all(users)  # [B, N]
-    return model.score(users, cand.unsqueeze(0).expand(users.shape[0], -1))  # [B, C]
+        return model(users)  # [B, N]
+    return model(users, cand.unsqueeze(0).expand(users.shape[0], -1))  # [B, C]
 
 
 def _random_negative_columns(targets: Tensor, rows: Tensor, per_row: int, gen: torch.Generator | None) -> Tensor:

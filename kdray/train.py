@@ -45,6 +45,8 @@ from kdray.sparse import Csr
 
 TRAIN_TABLE = "train_by_user.parquet"
 FAILURE_KEY = "failure"  # a reported metric that carries why training stopped (a non-finite loss)
+FAILURE_FILE = "failure.json"  # the weightless checkpoint that records it (so a resumed run stops the same way)
+FAILED_SCORE = -1.0  # the failure's selection metric: below every real ranking metric, never the best checkpoint
 
 
 class NonFiniteLossError(KdrayError, FloatingPointError):
@@ -121,24 +123,25 @@ class LocalShard:
         return int(self.users.shape[0])
 
     def batches(self, batch_size: int, n_steps: int, rng: np.random.Generator) -> list[Batch]:
-        """``n_steps`` batches of a fresh permutation of the rows (cycled if the shard is shorter than the others:
-        every DDP worker must take the same number of steps)."""
+        """``n_steps`` batches: a fresh permutation of the rows in batches of ``batch_size`` (the last may be
+        partial), then, if this shard is shorter than the others', extra batches of rows drawn again: every DDP
+        worker must take the same number of steps."""
         order = rng.permutation(len(self))
-        need = n_steps * batch_size
-        if need > order.size and order.size:
-            order = np.concatenate([order, rng.choice(order, need - order.size)])
-        out = []
-        for step in range(n_steps):
-            idx = np.sort(order[step * batch_size : (step + 1) * batch_size])
-            lengths = self.offsets[idx + 1] - self.offsets[idx]
-            offsets = np.concatenate([[0], np.cumsum(lengths)])
-            values = self.items[np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in idx])
-                                if idx.size else np.zeros(0, np.int64)]
-            out.append(batch_from_lists(
-                self.users[idx], offsets, values,
-                None if self.teacher_items is None else self.teacher_items[idx],
-                None if self.teacher_logits is None else self.teacher_logits[idx]))
-        return out
+        groups = [order[i : i + batch_size] for i in range(0, order.size, batch_size)][:n_steps]
+        while len(groups) < n_steps and order.size:
+            groups.append(rng.choice(order, min(batch_size, order.size), replace=False))
+        return [self._batch(np.sort(idx)) for idx in groups]
+
+    def _batch(self, idx: np.ndarray) -> Batch:
+        lengths = self.offsets[idx + 1] - self.offsets[idx]
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        # positions of the chosen rows' items in self.items, without a Python loop over rows
+        starts = np.repeat(self.offsets[idx] - offsets[:-1], lengths)
+        values = self.items[starts + np.arange(offsets[-1])]
+        return batch_from_lists(
+            self.users[idx], offsets, values,
+            None if self.teacher_items is None else self.teacher_items[idx],
+            None if self.teacher_logits is None else self.teacher_logits[idx])
 
 
 def _table_batch(table: pa.Table) -> Batch:
@@ -217,6 +220,19 @@ def run_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches:
     return sums, steps, None
 
 
+def _report_failure(failure: str, metric: str, rank: int) -> None:
+    """Reports why training stopped with a weightless checkpoint: V2's ``Result.metrics`` comes from the latest report
+    that carried a checkpoint, and a raise would make Ray Train restart the workers into the same NaN."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            (Path(tmp) / FAILURE_FILE).write_text(json.dumps({"failure": failure}))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({metric: FAILED_SCORE, FAILURE_KEY: failure}, checkpoint=checkpoint)
+
+
 def _threads(cfg: Config) -> int:
     return cfg.ray.threads_per_worker or max(1, int(round(cfg.ray.cpus_per_worker)))
 
@@ -253,6 +269,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as d:
+            if (Path(d) / FAILURE_FILE).exists():  # the run already failed deterministically: say so again
+                _report_failure(json.loads((Path(d) / FAILURE_FILE).read_text())["failure"], metric, rank)
+                return
             core.load_state_dict(torch.load(Path(d) / WEIGHTS, map_location=device, weights_only=True))
             state = torch.load(Path(d) / TRAIN_STATE, map_location="cpu", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
@@ -279,14 +298,16 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 batch_size=tcfg.batch_size, batch_format="pyarrow", local_shuffle_buffer_size=4 * tcfg.batch_size,
                 local_shuffle_seed=seed))
         sums, steps, failure = run_epoch(model, optimizer, batches, teachers, objective, device, log_q, gen)
+        if failure is None and not all(bool(torch.isfinite(p).all()) for p in core.parameters()):
+            failure = "the model's weights became non-finite"  # identical on every DDP worker: no vote needed
         if failure is not None:
             failure = (f"{role} training: {failure} at epoch {epoch + 1}; lower {role}_train.lr (now {tcfg.lr}) "
                        "or check the data")
-            # Reported, not raised: a raise would make Ray Train restart the workers and hit the same NaN again.
-            # Nothing is checkpointed, so a NaN model never becomes the best checkpoint.
+            # Reported, not raised (see _report_failure); no weights are checkpointed, so a NaN model never becomes
+            # the best checkpoint.
             if rank == 0:
                 print(f"[{role}] {failure}", flush=True)
-            ray.train.report({"epoch": epoch + 1, FAILURE_KEY: failure})
+            _report_failure(failure, metric, rank)
             return
         train_seconds = time.perf_counter() - t0
         val = distributed_evaluate(core, payload.valid, [payload.train], cfg.eval.ks, cfg.eval.batch_size,

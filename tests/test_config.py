@@ -31,7 +31,7 @@ def test_overrides_parse_yaml_values_and_take_precedence(tmp_path):
     assert cfg.student.dim == 32
     assert cfg.teacher.hidden == (64, 32)
     assert cfg.distill.alpha == 0.2 and cfg.distill.mask_seen is False
-    assert cfg.teacher.name == "two_tower"  # untouched keys keep their defaults
+    assert cfg.teacher.name == "mf" and cfg.teacher.dim == 256  # untouched keys keep their defaults
 
 
 def test_replace_validates():
@@ -118,3 +118,11 @@ def test_fingerprint_is_stable_and_sensitive():
     a, b = Config(), replace(Config(), **{"data.seed": 1})
     assert fingerprint(a.data) == fingerprint(Config().data)
     assert fingerprint(a.data) != fingerprint(b.data)
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    # YAML 1.1 reads 1e-3 as a string; a user typing it means the number
+    assert load_config(None, ["student_train.lr=1e-3"]).student_train.lr == 1e-3
+    f = tmp_path / "c.yaml"
+    f.write_text("teacher_train:\n  lr: 3e-3\n")
+    assert load_config(f).teacher_train.lr == 3e-3
