@@ -50,19 +50,30 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def init_ray(address: str | None, *, num_cpus: int | None = None) -> None:
+# Ray Train V2 workers hand each report to the controller through a queue of one, which the controller drains on its
+# health-check tick (2 s by default): with epochs shorter than that, every report would wait up to 2 s
+# (BENCHMARKS.md, Ray overhead). Its print patch also echoes every worker print twice.
+RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+           "RAY_TRAIN_V2_ENABLED": "1"}
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, object_store_memory: int | None = None,
+             log_to_driver: bool = True) -> None:
     """Connects to ``address`` / $RAY_ADDRESS, or starts a local cluster (``address="local"`` never joins a stale
-    cluster left by an earlier ``ray start``)."""
+    cluster left by an earlier ``ray start``). kdray's Ray settings (RAY_ENV) reach every process of the job."""
     import ray
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    for key, value in RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    env = {"env_vars": {k: os.environ[k] for k in RAY_ENV}}
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
+    if address and address != "local":
+        ray.init(address=address, log_to_driver=log_to_driver, runtime_env=env)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory,
+                 include_dashboard=False, log_to_driver=log_to_driver, runtime_env=env)
 
 
 def _require_dir(path: str, what: str) -> Path:
