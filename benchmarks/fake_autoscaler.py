@@ -50,7 +50,7 @@ HEAD_NODE_ID = "f" * 51 + "00000"  # the fake provider's fixed id for the head
 # The workloads (the plain one runs inside the submitted job).
 
 
-def plain_search(trials: int, seconds: int) -> None:
+def plain_search(trials: int, seconds: int, storage: str) -> None:
     """A Ray Tune search over a trivial function; each trial reserves 0.5 + 2 x 2 CPUs and keeps two 2-CPU tasks
     busy for ``seconds``, so no trial fits on the 2-CPU head alone."""
     import ray
@@ -76,7 +76,7 @@ def plain_search(trials: int, seconds: int) -> None:
         tune.with_resources(trial, tune.PlacementGroupFactory([{"CPU": 0.5}, {"CPU": 2}, {"CPU": 2}])),
         param_space={"x": tune.uniform(0, 1)},
         tune_config=tune.TuneConfig(metric="score", mode="max", num_samples=trials, max_concurrent_trials=trials),
-        run_config=tune.RunConfig(name="fake-autoscaler", storage_path=tempfile.mkdtemp(prefix="kdray-fake-tune-")),
+        run_config=tune.RunConfig(name="fake-autoscaler", storage_path=storage),
     )
     best = tuner.fit().get_best_result()
     print(f"plain search finished: {trials} trials, best score {best.metrics['score']:.4f}", flush=True)
@@ -196,7 +196,8 @@ def run(workload: str, deadline_s: float, log=print) -> dict[str, Any]:
         # nodes' workers (seen as FileNotFoundError from os.getcwd()). The job imports the kdray installed in this
         # interpreter and runs the scripts by absolute path instead; tests/test_jobs.py covers --working-dir.
         if workload == "plain":
-            entrypoint = f"python {Path(__file__).resolve()} --run-plain-search 4 --trial-seconds 20"
+            entrypoint = (f"python {Path(__file__).resolve()} --run-plain-search 4 --trial-seconds 20 "
+                          f"--storage {tmp / 'tune'}")
         else:
             (tmp / "tiny.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
             script = ROOT / "jobs" / ("tune.py" if workload == "kdray-tune" else "pipeline.py")
@@ -269,9 +270,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="also write the JSON summary here")
     p.add_argument("--run-plain-search", type=int, metavar="TRIALS", help=argparse.SUPPRESS)  # inside the job
     p.add_argument("--trial-seconds", type=int, default=20, help=argparse.SUPPRESS)
+    p.add_argument("--storage", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.run_plain_search:
-        plain_search(args.run_plain_search, args.trial_seconds)
+        plain_search(args.run_plain_search, args.trial_seconds, args.storage)
         return 0
 
     workload = args.workload
