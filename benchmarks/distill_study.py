@@ -29,6 +29,7 @@ from kdray.pipeline import alone, prepare_data, train_stage, train_teachers  # n
 
 # name -> overrides of the distillation section (the student and its training settings stay the same)
 SETTINGS: dict[str, dict] = {
+    "teacher init only (alpha=0)": {"distill.loss": "none", "distill.alpha": 0.0, "distill.init_from_teacher": True},
     "kl (T=2, full catalog)": {"distill.loss": "kl", "distill.temperature": 2.0, "distill.mask_seen": False},
     "kl (T=2, unobserved only)": {"distill.loss": "kl", "distill.temperature": 2.0, "distill.mask_seen": True},
     "rd (top-K, unobserved)": {"distill.loss": "rd", "distill.mask_seen": True},

@@ -479,12 +479,13 @@ def train_model(cfg: Config, role: str, data: PreparedData, *, out_dir: Path, na
     objective = Objective.from_config(cfg, role, data.n_items)
     if role == "student" and objective.distilling and not teachers:
         raise KdrayError(f"distill.loss={cfg.distill.loss!r} with alpha={cfg.distill.alpha} needs a teacher checkpoint")
-    teacher_ckpts = [load_checkpoint(p) for p in teachers] if objective.distilling else []
+    uses_teacher = objective.distilling or (role == "student" and cfg.distill.init_from_teacher)
+    teacher_ckpts = [load_checkpoint(p) for p in teachers] if uses_teacher else []
     for ckpt in teacher_ckpts:
         check_matches_data(ckpt, data)
 
     dataset = ray.data.read_parquet(str(data.path / TRAIN_TABLE))
-    teacher_refs = [ray.put(_model_state(c.model)) for c in teacher_ckpts]
+    teacher_refs = [ray.put(_model_state(c.model)) for c in teacher_ckpts] if objective.distilling else []
     if cfg.distill.cached_topk and teacher_refs:
         weights = list(cfg.distill.teacher_weights) or None
         dataset = dataset.map_batches(TeacherTopK, fn_constructor_kwargs=dict(
@@ -540,7 +541,7 @@ def train_model(cfg: Config, role: str, data: PreparedData, *, out_dir: Path, na
     val = {f"valid_{k}": v for k, v in best_metrics.items() if "@" in k}
     metrics = {**val, "best_epoch": int(best_metrics["epoch"]), "epochs_run": len(history),
                "train_seconds": seconds, "n_params": count_parameters(model)}
-    lineage = {"teachers": [str(Path(p).resolve()) for p in teachers] if objective.distilling else [],
+    lineage = {"teachers": [str(Path(p).resolve()) for p in teachers] if uses_teacher else [],
                "distill": to_dict(cfg.distill) if objective.distilling else None, "ray_run": f"{storage}/{name}", "stage_key": stage_key}
     save_checkpoint(out_dir, model, role=role, config=to_dict(cfg),
                     vocab=Vocab(user_ids=data.user_ids, item_ids=data.item_ids, seen=data.train),
