@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from kdray.cli import init_ray  # noqa: E402
 from kdray.config import load_config, replace  # noqa: E402
 from kdray.evaluate import evaluate_checkpoint  # noqa: E402
 from kdray.pipeline import alone, prepare_data, train_stage, train_teachers  # noqa: E402
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
     base = load_config(a.config, a.overrides)
     metric = f"test_{base.eval.metric}@{base.eval.k}"
     recall = f"test_recall@{base.eval.k}"
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    init_ray("local", log_to_driver=False)
     t0 = time.perf_counter()
     results: dict[str, dict[str, list[float]]] = {}
 

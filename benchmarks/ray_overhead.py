@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from kdray.cli import init_ray  # noqa: E402
 from kdray.config import load_config  # noqa: E402
 from kdray.models import build_model  # noqa: E402
 from kdray.objective import Objective, sampling_log_q  # noqa: E402
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
     cfg1 = load_config(None, [*common, "ray.num_workers=1", "ray.cpus_per_worker=1"])
     data = prepare_data(cfg1)
     torch.set_num_threads(1)  # the plain process gets the same single thread as one Ray worker
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_ray("local", num_cpus=2, log_to_driver=False)
 
     res: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                             f"ray {ray.__version__}",

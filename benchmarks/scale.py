@@ -22,6 +22,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from kdray.cli import init_ray  # noqa: E402
 from kdray.config import load_config  # noqa: E402
 from kdray.pipeline import run_pipeline  # noqa: E402
 
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     import ray
 
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    init_ray("local", log_to_driver=False)
     rows = []
     for n in a.interactions:
         users = max(100, round(ML20M[1] * n / ML20M[0]))
