@@ -6,6 +6,7 @@ workers, the object store and the driver. One epoch per model keeps the run boun
 on a 24 GB machine and how time grows, not the quality.
 
     python benchmarks/scale.py --interactions 2000000 5000000 20000000 --out scale.json
+    python benchmarks/scale.py --config configs/default.yaml      # `kdray run` on the default data: time, memory
 """
 
 from __future__ import annotations
@@ -52,13 +53,22 @@ class PeakMemory:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--interactions", type=int, nargs="+", default=[2_000_000, 20_000_000])
+    p.add_argument("--config", default=None,
+                   help="measure `kdray run` with this config (e.g. configs/default.yaml) instead of the size sweep")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     import ray
 
     init_ray("local", log_to_driver=False)
     rows = []
-    for n in a.interactions:
+    if a.config:
+        runs = Path(tempfile.mkdtemp(prefix="kdray-scale-"))
+        t0 = time.perf_counter()
+        with PeakMemory() as mem:
+            run_pipeline(load_config(a.config, [f"runs_dir={runs}"]), log=lambda s: print(s, flush=True))
+        rows.append({"config": a.config, "seconds": time.perf_counter() - t0, "peak_used_gb": mem.peak / 2**30,
+                     "peak_over_idle_gb": (mem.peak - mem.base) / 2**30})
+    for n in ([] if a.config else a.interactions):
         users = max(100, round(ML20M[1] * n / ML20M[0]))
         items = max(100, round(ML20M[2] * (n / ML20M[0]) ** 0.5))  # catalogs grow slower than activity
         runs = Path(tempfile.mkdtemp(prefix="kdray-scale-"))
