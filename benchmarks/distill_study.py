@@ -73,7 +73,9 @@ def main(argv=None) -> int:
         print(f"  {label}: {metric} {m[metric]:.4f} {recall} {m[recall]:.4f}", flush=True)
 
     for seed in a.seeds:
-        cfg = replace(base, **{"name": f"{base.name}-study-s{seed}", "data.seed": base.data.seed,
+        # one teacher for every row but the ensemble row, whatever the config's default
+        cfg = replace(base, **{"name": f"{base.name}-study-s{seed}", "distill.n_teachers": 1,
+                               "distill.teacher_weights": [],
                                "teacher_train.seed": seed, "student_train.seed": seed,
                                **({"distill.alpha": a.alpha} if a.alpha is not None else {})})
         print(f"[seed {seed}] run dir {cfg.run_dir}", flush=True)

@@ -22,7 +22,8 @@ TINY = [
     "data.n_users=120", "data.n_items=80", "data.n_interactions=3000", "data.n_clusters=4",
     "teacher.name=mf", "teacher.dim=32", "teacher.hidden=[]", "student.dim=4",
     "teacher_train.epochs=3", "student_train.epochs=2", "teacher_train.lr=0.02", "student_train.lr=0.02",
-    "teacher_train.batch_size=32", "student_train.batch_size=32", "eval.batch_size=64",
+    "teacher_train.batch_size=32", "student_train.batch_size=32", "eval.batch_size=64", "distill.n_teachers=1",
+    "distill.init_from_teacher=false", "distill.alpha=0.5",
 ]
 
 
@@ -99,21 +100,24 @@ def test_non_finite_loss_stops_with_a_clear_error_and_saves_nothing(trained):
 
 
 def test_kdray_run_end_to_end(ray_cluster, tmp_path, capsys):
-    assert main(["run", *TINY, f"runs_dir={tmp_path}", "name=e2e"]) == 0
+    ensemble = ["distill.n_teachers=2", "distill.init_from_teacher=true"]
+    assert main(["run", *TINY, *ensemble, f"runs_dir={tmp_path}", "name=e2e"]) == 0
     run = tmp_path / "e2e"
     summary = json.loads((run / "metrics.json").read_text())
     models = [r["model"] for r in summary["rows"]]
-    assert models == ["teacher", "student (distilled)", "student (alone)"]
+    assert models == ["teacher", "teacher-2", "student (distilled)", "student (alone)"]
+    lineage = load_checkpoint(run / "student").meta["lineage"]
+    assert [Path(t).name for t in lineage["teachers"]] == ["teacher", "teacher-2"]
     for r in summary["rows"]:
         assert 0.0 <= r["test_ndcg@10"] <= 1.0 and r["latency_ms_per_1000_users"] > 0
-    assert summary["rows"][1]["compression"] < 0.2
+    assert summary["rows"][2]["compression"] < 0.2
     assert (run / "report.md").read_text().startswith("# kdray run `e2e`")
     assert (run / "config.yaml").exists() and (run / "data" / "train_by_user.parquet").exists()
     out = capsys.readouterr().out
     assert "| student (distilled) |" in out and "ndcg@10 (test)" in out
     # running the same command again reuses every finished stage instead of training again
-    assert main(["run", *TINY, f"runs_dir={tmp_path}", "name=e2e"]) == 0
-    assert capsys.readouterr().out.count("reusing") == 3
+    assert main(["run", *TINY, *ensemble, f"runs_dir={tmp_path}", "name=e2e"]) == 0
+    assert capsys.readouterr().out.count("reusing") == 4
 
 
 def test_cli_stages_one_at_a_time(ray_cluster, tmp_path, capsys):
