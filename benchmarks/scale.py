@@ -19,8 +19,6 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kdray.cli import init_ray  # noqa: E402
@@ -30,16 +28,22 @@ from kdray.pipeline import run_pipeline  # noqa: E402
 ML20M = (20_000_263, 138_493, 26_744)
 
 
+def used_bytes() -> int:
+    """Memory in use on the machine (MemTotal - MemAvailable), read from /proc/meminfo (Linux)."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return (int(fields["MemTotal"].split()[0]) - int(fields["MemAvailable"].split()[0])) * 1024
+
+
 class PeakMemory:
     def __init__(self) -> None:
-        self.base = psutil.virtual_memory().used
+        self.base = used_bytes()
         self.peak = self.base
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(0.5):
-            self.peak = max(self.peak, psutil.virtual_memory().used)
+            self.peak = max(self.peak, used_bytes())
 
     def __enter__(self) -> "PeakMemory":
         self._thread.start()
