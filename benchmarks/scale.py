@@ -80,7 +80,7 @@ def main(argv=None) -> int:
             f"runs_dir={runs}", f"name=scale-{n}", f"data.n_users={users}", f"data.n_items={items}",
             f"data.n_interactions={n}", "teacher.name=mf", "teacher.dim=64", "teacher.hidden=[]", "student.dim=16",
             "teacher_train.epochs=1", "student_train.epochs=1", "teacher_train.batch_size=1024",
-            "student_train.batch_size=1024", "ray.num_workers=1", "ray.cpus_per_worker=2",
+            "student_train.batch_size=1024", "distill.n_teachers=1", "ray.num_workers=1", "ray.cpus_per_worker=2",
             "ray.threads_per_worker=2"])
         t0 = time.perf_counter()
         with PeakMemory() as mem:
