@@ -289,12 +289,6 @@ def test_pipeline_job_succeeds_and_writes_the_run(head, job_dir):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(strict=False, reason=(
-    "kdray.tune's first cut: `kdray tune` on this config fails the same way outside a job, 'no completed trial "
-    "within tune.max_params_ratio', because no trial checkpoint is found: RUN/tune/trials is never written "
-    "(perhaps ASHA, max_t = epochs, stops the trial at its last report before train_model exports), and _rows looks "
-    "under trials/<trial dir name> while _trial exports to trials/<get_trial_name()>. Remove this mark when it "
-    "passes."))
 def test_tune_job_succeeds_and_exports_the_winner(head, job_dir):
     if reason := _pipeline_ready():
         pytest.skip(reason)
