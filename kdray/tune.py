@@ -8,7 +8,9 @@ with the same budget and the same scheduler:
 
 Papers often compare distillation with an *untuned* small model; giving the control the same search budget is what
 makes the comparison fair. With grid dimensions the control runs ``num_samples x`` (the distillation grid's size)
-samples of its smaller space, so both arms train the same number of students.
+samples of its smaller space, so both arms train the same number of students. Each arm's first trial is the
+configured settings (:func:`base_point`, when they lie in the space): the pair ``kdray run`` trains is always in the
+search, and the rest of the budget looks for better.
 
 Each trial is the same distributed training as ``kdray distill`` (:func:`kdray.train.train_model`, a TorchTrainer
 with ``ray.num_workers`` workers) run from a small trial function (Ray 2.60's Train V2 pattern: ``Tuner(TorchTrainer)``
@@ -28,7 +30,7 @@ leaderboard (CSV and Markdown), a Pareto plot, ``summary.json`` and ``report.md`
     RUN/tune/search.json        what the search is (a resume must match it)
     RUN/tune/ray/NAME-ARM/      Tune's experiment state (or tune.storage_path), resumable with Tuner.restore
     RUN/tune/ray/NAME-ARM-trials/TRIAL/   each trial's Ray Train run and checkpoints
-    RUN/tune/trials/ARM/TRIAL/  each completed trial's exported student (trials ASHA stopped export nothing)
+    RUN/tune/trials/ARM/TRIAL/  each completed trial's exported student (a trial ASHA stopped leaves TRIAL.stopped)
     RUN/best/                   the winner: a self-describing checkpoint for kdray serve
 """
 
@@ -73,6 +75,7 @@ KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
 CONTROL = {"distill.loss": "none", "distill.alpha": 0.0, "distill.init_from_teacher": False}  # the student alone
 ARCH_KEYS = ("student.name", "student.dim", "student.hidden")  # what a student's size depends on
 TRIAL_RESOURCES = {"CPU": 0, "memory": 100 * 2**20}  # the trial function only waits on its trainer (RAY_NOTES.md)
+STOPPED = ".stopped"  # RUN/tune/trials/ARM/TRIAL.stopped: the trial ended because ASHA stopped it
 
 
 class TrialStopped(KdrayError):
@@ -185,6 +188,32 @@ def arm_trials(cfg: Config, space: dict[str, dict[str, Any]], arm: str) -> int:
     return arm_samples(cfg, space, arm) * _grid_size(space, arm_keys(space, arm))
 
 
+def _get(cfg: Config, key: str) -> Any:
+    node: Any = to_dict(cfg)
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def base_point(cfg: Config, space: dict[str, dict[str, Any]], arm: str) -> dict[str, Any] | None:
+    """The configured settings as a point of the arm's space: the arm's first trial, so a search never misses what
+    ``kdray run`` trains (the control's first trial is the same student alone). None when a setting lies outside
+    its dimension, or the arm has a grid (every point would be crossed with it)."""
+    point = {}
+    for key in arm_keys(space, arm):
+        kind, values = next(iter(space[key].items()))
+        value = _get(cfg, key)
+        if kind == "grid":
+            return None
+        inside = (value in values if kind == "choice" else
+                  isinstance(value, (int, float)) and not isinstance(value, bool)
+                  and values[0] <= value <= values[1] and (kind != "randint" or value < values[1]))
+        if not inside:
+            return None
+        point[key] = value
+    return point or None
+
+
 def _plain(value: Any) -> Any:
     """numpy scalars (Tune's randint samples) as Python values, which the typed config accepts."""
     return value.item() if hasattr(value, "item") and not isinstance(value, (list, tuple)) else value
@@ -236,24 +265,27 @@ def check_resources(cfg: Config) -> None:
             "tune.autoscaling=true on an autoscaling cluster")
 
 
-def _searcher(cfg: Config, metric: str) -> Any:
+def _searcher(cfg: Config, metric: str, first: dict[str, Any] | None = None) -> Any:
     """The search algorithm: random search (Tune's own), or a model-based searcher (an optional extra). Both are
-    seeded with ``student_train.seed``: the same config samples the same trials."""
+    seeded with ``student_train.seed`` (the same config samples the same trials) and evaluate ``first`` first
+    (it counts towards ``num_samples``)."""
     seed = cfg.student_train.seed
+    points = [first] if first else None
     if cfg.tune.searcher == "random":
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        return BasicVariantGenerator(max_concurrent=cfg.tune.max_concurrent_trials, random_state=seed)
+        return BasicVariantGenerator(points_to_evaluate=points, max_concurrent=cfg.tune.max_concurrent_trials,
+                                     random_state=seed)
     try:
         if cfg.tune.searcher == "optuna":
             import optuna  # noqa: F401  (Tune's wrapper only asserts on a missing package)
             from ray.tune.search.optuna import OptunaSearch
 
-            return OptunaSearch(metric=metric, mode="max", seed=seed)
+            return OptunaSearch(metric=metric, mode="max", seed=seed, points_to_evaluate=points)
         import hyperopt  # noqa: F401
         from ray.tune.search.hyperopt import HyperOptSearch
 
-        return HyperOptSearch(metric=metric, mode="max", random_state_seed=seed)
+        return HyperOptSearch(metric=metric, mode="max", random_state_seed=seed, points_to_evaluate=points)
     except ImportError as e:
         raise ConfigError(f"tune.searcher={cfg.tune.searcher!r} needs its package: pip install "
                           f"{'kdray[optuna]' if cfg.tune.searcher == 'optuna' else 'hyperopt'} ({e})") from None
@@ -389,8 +421,24 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], arm: str, data_dir: 
         train_model(cfg, "student", load_prepared(Path(data_dir)), out_dir=Path(export_dir) / trial_id,
                     name=trial_id, teachers=[Path(t) for t in teachers] if arm == "distilled" else [],
                     storage_path=storage, callbacks=[StopWhenAsked(decisions, trial_id), TuneReportCallback()])
-    except TrialStopped:
-        pass  # a clean end: Tune already has every result it will use
+    except TrialStopped as e:  # a clean end: Tune already has every result it will use
+        marker = Path(export_dir) / f"{trial_id}{STOPPED}"
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"trial": trial_id, "stopped": str(e)}) + "\n")
+
+
+def trial_status(result: Any, export_root: Path) -> str:
+    """How a trial ended, from what it left: ``completed`` (its export), ``stopped early`` (by ASHA: the marker
+    :func:`_trial` writes), ``error``, or ``unfinished`` (the search was interrupted; Tune's own status cannot
+    tell: it marks trials it stopped on Ctrl+C as terminated)."""
+    trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+    if result.error is not None:
+        return "error"
+    if (export_root / trial_id / "model.pt").is_file():
+        return "completed"
+    if (export_root / f"{trial_id}{STOPPED}").is_file():
+        return "stopped early"
+    return "unfinished"
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -453,13 +501,15 @@ def run_arm(cfg: Config, arm: str, space: dict[str, dict[str, Any]], data_dir: P
             tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=False, restart_errored=False)
         else:
             samples = arm_samples(cfg, space, arm)
+            first = base_point(cfg, space, arm)
             log(f"[tune] {arm}: {arm_trials(cfg, space, arm)} trials, ASHA on validation {metric}, "
-                f"{cfg.tune.searcher} search, at most {cfg.tune.max_concurrent_trials} at a time")
+                f"{cfg.tune.searcher} search, at most {cfg.tune.max_concurrent_trials} at a time"
+                f"{', the first with the configured settings' if first else ''}")
             scheduler = GracefulASHA(
                 decisions_name, time_attr="epoch", max_t=cfg.student_train.epochs,
                 grace_period=min(cfg.tune.grace_period, cfg.student_train.epochs),
                 reduction_factor=cfg.tune.reduction_factor, stop_last_trials=False)
-            searcher = _searcher(cfg, metric)
+            searcher = _searcher(cfg, metric, first)
             tuner = tune.Tuner(
                 trainable,
                 param_space=arm_space(space, arm),
@@ -475,7 +525,8 @@ def run_arm(cfg: Config, arm: str, space: dict[str, dict[str, Any]], data_dir: P
         ray.kill(decisions)
     # Ctrl+C makes Tune save its state and return early, possibly before it created every trial.
     expected = arm_trials(cfg, space, arm)
-    finished = grid.num_terminated + grid.num_errors
+    export_root = base.run_dir / "tune" / "trials" / arm
+    finished = sum(trial_status(r, export_root) != "unfinished" for r in grid)
     if finished < expected:
         raise SearchInterrupted(f"the {arm} search stopped after {finished} of its {expected} trials; continue it "
                                 "with the same command and --resume")
@@ -498,8 +549,8 @@ def _architecture_stats(cfg: Config, data: Any, cache: dict) -> tuple[int, float
 
 def _rows(grid: Any, arm: str, cfg: Config, data: Any, teacher_n: int, cache: dict,
           distill_keys: list[str]) -> list[dict[str, Any]]:
-    """One leaderboard row per trial. Status: ``completed`` (trained to the end or to its own early stop, and
-    exported), ``stopped early`` (by ASHA: no export), ``error``."""
+    """One leaderboard row per trial; status as :func:`trial_status` (``completed`` covers the training loop's own
+    early stop on ``patience``)."""
     metric = cfg.select_metric
     export_root = Path(_abs(cfg.run_dir)) / "tune" / "trials" / arm
     rows = []
@@ -509,8 +560,8 @@ def _rows(grid: Any, arm: str, cfg: Config, data: Any, teacher_n: int, cache: di
         m = result.metrics or {}
         trial_id = m.get("trial_id") or Path(result.path).name
         export = export_root / trial_id
-        exported = (export / "model.pt").is_file()
-        status = "error" if result.error else "completed" if exported else "stopped early"
+        status = trial_status(result, export_root)
+        exported = status == "completed"
         if arm == "alone":  # the control's distillation settings, for the columns the distilled arm fills
             params.update({k: CONTROL.get(k, "-") for k in distill_keys})
         rows.append({

@@ -25,8 +25,8 @@ from kdray.checkpoint import load_checkpoint
 from kdray.cli import main
 from kdray.config import load_config
 from kdray.errors import ConfigError
-from kdray.tune import (ARMS, arm_keys, arm_trials, choose_winner, resolve_space, run_search, trial_config,
-                        validate_space)
+from kdray.tune import (ARMS, arm_keys, arm_trials, base_point, choose_winner, resolve_space, run_search,
+                        trial_config, validate_space)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -84,6 +84,20 @@ def test_trial_config_gives_the_control_no_teacher():
     assert alone.student.dim == 8 and type(alone.student.dim) is int
     distilled = trial_config(cfg, {"distill.loss": "kl", "distill.alpha": 0.3}, "distilled")
     assert (distilled.distill.loss, distilled.distill.alpha, distilled.distill.init_from_teacher) == ("kl", 0.3, True)
+
+
+def test_each_arm_starts_from_the_configured_settings_when_they_lie_in_its_space():
+    cfg = load_config(None)  # the defaults: what `kdray run` trains
+    space = resolve_space(cfg)
+    first = base_point(cfg, space, "distilled")
+    assert first == {"distill.temperature": 1.0, "distill.alpha": 0.7, "distill.loss": "rd",
+                     "distill.init_from_teacher": True, "student.dim": 16, "student_train.lr": 0.01,
+                     "student_train.weight_decay": 0.0, "student_train.batch_size": 256}
+    assert base_point(cfg, space, "alone") == {k: v for k, v in first.items() if not k.startswith("distill.")}
+    outside = load_config(None, ["student.dim=32"])
+    assert base_point(outside, resolve_space(outside), "alone") is None
+    grid = load_config(None, ['tune.space={"student.dim": {"grid": [8, 16]}}'])
+    assert base_point(grid, resolve_space(grid), "distilled") is None
 
 
 def test_winner_rule_completed_within_budget_best_validation_then_smaller():
@@ -228,6 +242,7 @@ def test_asha_stops_the_lagging_trial_and_frees_its_workers(search, ray_cluster)
     rows = {(r["arm"], r["student_train.lr"]): r for r in search["result"].leaderboard}
     stopped = rows[("alone", 1e-5)]  # the control arm ran fresh: ASHA saw the good trial first
     assert stopped["status"] == "stopped early" and stopped["epochs"] == 1 and not stopped["checkpoint"]
+    assert (search["run"] / "tune" / "trials" / "alone" / f"{stopped['trial']}.stopped").is_file()
     assert rows[("alone", 0.02)]["status"] == "completed" and rows[("alone", 0.02)]["epochs"] == 3
     summary = json.loads((search["run"] / "tune" / "summary.json").read_text())
     assert summary["stopped_early"]["alone"] == 1 and summary["errored"] == {"distilled": 0, "alone": 0}
