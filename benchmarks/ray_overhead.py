@@ -10,7 +10,7 @@ Measures, on the same prepared data and the same torch thread count:
 
 Warm epochs only (the first is dropped). Usage::
 
-    python benchmarks/ray_overhead.py [--users 6000 --items 3000 --interactions 300000] [--epochs 4] [--out F.json]
+    python benchmarks/ray_overhead.py [--users 20000 --items 8000 --interactions 1000000] [--epochs 4] [--out F.json]
 """
 
 from __future__ import annotations
@@ -74,9 +74,9 @@ def warm_mean(times: list[float]) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--users", type=int, default=6000)
-    p.add_argument("--items", type=int, default=3000)
-    p.add_argument("--interactions", type=int, default=300_000)
+    p.add_argument("--users", type=int, default=20_000)
+    p.add_argument("--items", type=int, default=8000)
+    p.add_argument("--interactions", type=int, default=1_000_000)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--out", default=None)
