@@ -34,7 +34,9 @@ from pathlib import Path
 from typing import Annotated, Any, Union
 
 import torch
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, StringConstraints
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -131,6 +133,33 @@ api = FastAPI(
     version=__version__,
     description="Top-K recommendations from a distilled kdray student (or any kdray checkpoint).",
 )
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with what JSON (UTF-8, finite numbers) cannot carry made printable: a lone surrogate in a string
+    becomes its escape, NaN and infinities their repr, anything else unknown its str."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, bool) or value is None or isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else repr(value)
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {_json_safe(str(k)): _json_safe(v) for k, v in value.items()}
+    return _json_safe(str(value))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 shape (``detail[].loc`` names the field, ``msg`` says what is wrong) without the echo of the
+    offending ``input``: FastAPI's own handler echoes it and then fails with a 500 on what JSON cannot encode (a
+    lone UTF-16 surrogate, which ``json.loads`` accepts from ``"\\ud800"``; a NaN or Infinity, which it accepts
+    bare), and it would send a multi-megabyte bad value straight back."""
+    detail = [{key: _json_safe(err[key]) for key in ("type", "loc", "msg", "ctx") if key in err}
+              for err in exc.errors()]
+    return JSONResponse(status_code=422, content={"detail": detail})
 
 
 @serve.deployment(name="Recommender")
