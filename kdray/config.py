@@ -201,6 +201,15 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
+_INT_LIMIT = 2 ** 63
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, cut to a readable length (a YAML file may hold a 400-digit number)."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Checks ``value`` against the annotation ``tp`` and converts lists to tuples; raises ConfigError on mismatch."""
     origin, args = get_origin(tp), get_args(tp)
@@ -239,13 +248,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if not -_INT_LIMIT <= value < _INT_LIMIT:  # torch, numpy and Ray take 64-bit integers
+            raise ConfigError(f"{key}: {_short(value)} is out of range; expected an integer in [-2**63, 2**63)")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int past the float range
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {_short(value)}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -262,7 +277,7 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
         raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {values!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+    unknown = sorted(map(str, set(values) - set(fields)))  # YAML keys may be numbers, null or booleans
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(
@@ -399,7 +414,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({e.problem})") from None
+        problem = getattr(e, "problem", None) or e
+        raise ConfigError(f"override {_short(text)}: the value is not valid YAML ({problem})") from None
+    except ValueError as e:  # PyYAML's int() of a number past Python's 4300-digit limit
+        raise ConfigError(f"override {key.strip()}: the value is not usable ({e})") from None
     return key.strip(), _yaml11_float(value)
 
 
@@ -441,8 +459,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            tree = _yaml11_float(yaml.safe_load(path.read_text()) or {})
-        except yaml.YAMLError as e:
+            tree = _yaml11_float(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        except (yaml.YAMLError, ValueError) as e:  # ValueError: PyYAML's int() of a 4300+ digit number
             raise ConfigError(f"config file {path}: not valid YAML: {e}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path}: expected a mapping of sections at the top, got {type(tree).__name__}")
