@@ -210,14 +210,19 @@ def _read_text_table(path: Path, fields: Sequence[str], what: str, *, sep: str, 
 
 
 def _numeric(df: pd.DataFrame, col: str, path: Path, *, integer: bool, where: str = "line") -> np.ndarray:
-    """A column as int64/float64; the first non-numeric (or non-integer) value raises DataError with its row."""
+    """A column as int64/float64; the first non-numeric (or non-integer, or past 64 bits) value raises DataError
+    with its row."""
     values = df[col]
+    id_hint = " (expected an integer id)" if integer else ""
     if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
-        coerced = pd.to_numeric(values, errors="coerce")
-        bad = coerced.isna().to_numpy()
-        row = df.index[np.argmax(bad)]
-        raise DataError(f"{path} {where} {row}: {col} {values.loc[row]!r} is not a number"
-                        f"{' (expected an integer id)' if integer else ''}")
+        # The parser left text (or mixed cells such as " 4"): check every cell in Python (rare, small files).
+        cells = values.tolist()
+        for row, cell in zip(df.index, cells):
+            try:
+                _as_number(cell, integer)
+            except ValueError as e:
+                raise DataError(f"{path} {where} {row}: {col} {_shown(cell)} {e}{id_hint}") from None
+        return np.array([_as_number(c, integer) for c in cells], dtype=np.int64 if integer else np.float64)
     arr = values.to_numpy()
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         bad = int(np.argmax(~np.isfinite(arr)))
@@ -228,8 +233,47 @@ def _numeric(df: pd.DataFrame, col: str, path: Path, *, integer: bool, where: st
             if frac.any():
                 row = df.index[np.argmax(frac)]
                 raise DataError(f"{path} {where} {row}: {col} {arr[np.argmax(frac)].item()!r} is not an integer id")
+        # uint64 past 2**63 - 1 and floats past +-2**63 would wrap or saturate in astype(int64): two ids become one
+        big = arr > np.iinfo(np.int64).max if arr.dtype.kind == "u" else \
+            np.abs(arr) >= 2.0 ** 63 if arr.dtype.kind == "f" else np.zeros(arr.shape, dtype=bool)
+        if big.any():
+            row = df.index[np.argmax(big)]
+            raise DataError(f"{path} {where} {row}: {col} {arr[np.argmax(big)].item()!r} is out of the 64-bit "
+                            f"integer range{id_hint}")
         return arr.astype(np.int64)
     return arr.astype(np.float64)
+
+
+def _as_number(cell: Any, integer: bool) -> int | float:
+    """One cell as a finite float, or as an int within int64 when ``integer``; ValueError says what is wrong."""
+    if isinstance(cell, (bool, np.bool_)) or cell is None:
+        raise ValueError("is not a number")
+    text = cell.strip() if isinstance(cell, str) else cell
+    try:
+        number = float(text)
+    except (TypeError, ValueError):
+        raise ValueError("is not a number") from None
+    except OverflowError:
+        number = float("inf")
+    if not integer:
+        if not np.isfinite(number):
+            raise ValueError("is not a finite number")
+        return number
+    try:
+        whole = int(text)
+    except (TypeError, ValueError, OverflowError):
+        if not (np.isfinite(number) and number.is_integer()):
+            raise ValueError("is not an integer") from None
+        whole = int(number)
+    if not -2 ** 63 <= whole < 2 ** 63:
+        raise ValueError("is out of the 64-bit integer range")
+    return whole
+
+
+def _shown(value: Any) -> str:
+    """A cell for a message: its repr, cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _ratings_table(path: Path, source: str) -> RawData:
@@ -298,11 +342,15 @@ def _lightgcn_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         tokens = np.array([t for p in parts for t in p], dtype=np.int64)
     except (ValueError, OverflowError):
-        line = next(i for i, p in enumerate(parts, 1) if not all(re.fullmatch(r"[+-]?\d+", t) for t in p))
-        raise DataError(f"{path} line {line}: expected integer ids 'user item item ...', got {lines[line - 1]!r}") \
-            from None
+        def bad(token: str) -> bool:  # not an integer, or one past int64
+            return not re.fullmatch(r"[+-]?\d+", token) or not -2 ** 63 <= int(token) < 2 ** 63
+        line = next(i for i, p in enumerate(parts, 1) if any(bad(t) for t in p))
+        raise DataError(f"{path} line {line}: expected integer ids 'user item item ...' (64-bit), got "
+                        f"{lines[line - 1][:200]!r}") from None
     if tokens.size == 0:
         raise DataError(f"{path} has no data lines; expected 'user item item ...'")
+    if tokens.size == int((counts > 0).sum()):
+        raise DataError(f"{path}: no line lists an item (every line is a lone user id); expected 'user item item ...'")
     nonblank = counts > 0
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[nonblank]
     users = tokens[starts]
@@ -310,6 +358,21 @@ def _lightgcn_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     item_mask = np.ones(tokens.size, dtype=bool)
     item_mask[starts] = False
     return np.repeat(users, n_items), tokens[item_mask]
+
+
+def _check_parquet_type(path: Path, col: str, dtype: pa.DataType, role: str) -> None:
+    """Ids are integers or text, ratings numbers, timestamps numbers, dates or text; anything else (binary, lists,
+    structs, booleans, decimals, all-null columns) raises DataError naming the column and its type."""
+    if pa.types.is_dictionary(dtype):
+        dtype = dtype.value_type
+    text = pa.types.is_string(dtype) or pa.types.is_large_string(dtype)
+    number = pa.types.is_integer(dtype) or pa.types.is_floating(dtype)
+    ok = {"id": number or text, "rating": number,
+          "timestamp": number or text or pa.types.is_timestamp(dtype) or pa.types.is_date(dtype)}[role]
+    if not ok:
+        expected = {"id": "integers or strings", "rating": "numbers",
+                    "timestamp": "numbers, dates, timestamps or date strings"}[role]
+        raise DataError(f"{path}: column {col!r} has Parquet type {dtype}; expected {expected}")
 
 
 def _mapped_table(cfg: DataConfig, path: Path) -> RawData:
@@ -322,10 +385,14 @@ def _mapped_table(cfg: DataConfig, path: Path) -> RawData:
         where = "line"
     else:
         try:
-            names = pq.read_schema(path).names if path.is_file() else pq.ParquetDataset(path).schema.names
-            missing = [c for c in cols if c not in names]
+            schema = pq.read_schema(path) if path.is_file() else pq.ParquetDataset(path).schema
+            missing = [c for c in cols if c not in schema.names]
             if missing:
-                raise DataError(f"{path}: missing column {missing[0]!r}; the file has {names}, expected {what}")
+                raise DataError(f"{path}: missing column {missing[0]!r}; the file has {schema.names}, expected {what}")
+            for col in cols:
+                _check_parquet_type(path, col, schema.field(col).type,
+                                    "timestamp" if col == cfg.timestamp_col else
+                                    "rating" if col == cfg.rating_col else "id")
             df = pq.read_table(path, columns=cols).to_pandas()
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"{path}: not a readable Parquet file ({e})") from None
