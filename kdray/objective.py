@@ -25,7 +25,7 @@ from torch import Tensor
 
 from kdray import losses
 from kdray.config import Config
-from kdray.models import RecModel
+from kdray.models import RecModel, embedding_tables
 
 BCE_NEGATIVES_PER_POSITIVE = 4  # NeuMF's ratio (He et al. 2017)
 CACHED_FILL = -1e4  # teacher logit for items outside the cached top-K: never selected as a pseudo-positive
@@ -44,11 +44,13 @@ class Objective:
     topk: int = 10
     mask_seen: bool = True
     teacher_weights: tuple[float, ...] = ()
+    embedding_l2: float = 0.0  # see TrainConfig.embedding_l2
 
     @classmethod
     def from_config(cls, cfg: Config, role: str, n_items: int) -> "Objective":
         train = cfg.teacher_train if role == "teacher" else cfg.student_train
-        base = dict(n_items=n_items, hard_loss=train.hard_loss, n_negatives=train.n_negatives)
+        base = dict(n_items=n_items, hard_loss=train.hard_loss, n_negatives=train.n_negatives,
+                    embedding_l2=train.embedding_l2)
         d = cfg.distill
         if role == "teacher" or d.loss == "none" or d.alpha == 0.0:
             return cls(**base)
@@ -175,12 +177,31 @@ def cached_teacher_logits(batch: Batch, cand: Tensor | None, n_items: int) -> Te
     return dense.scatter_(1, cols, batch.teacher_logits)
 
 
+def embedding_penalty(model: torch.nn.Module, batch: Batch) -> Tensor:
+    """Squared L2 norm of the embedding rows the batch uses (its users, and its positive items once per positive),
+    divided by the number of users in the batch."""
+    users, items = embedding_tables(model)
+    rows = users.weight[batch.users].pow(2).sum() + items.weight[batch.pos_items].pow(2).sum()
+    return rows / batch.users.shape[0]
+
+
 def batch_loss(model: RecModel, teachers: Sequence[RecModel], batch: Batch, obj: Objective,
                log_q: Tensor | None = None, gen: torch.Generator | None = None) -> tuple[Tensor, dict[str, float]]:
     """The loss of one batch and its parts (for logging). ``teachers`` is empty for a teacher or a lone student."""
     cand, targets = _candidates(batch, obj, log_q, gen)
     logits = _score(model, batch.users, cand)  # [B, C]
     hard = hard_loss(logits, targets, obj, cand, log_q, gen)
+    loss, parts = _distilled(teachers, batch, obj, logits, targets, cand, hard)
+    if obj.embedding_l2 > 0:
+        penalty = embedding_penalty(model, batch)
+        loss = loss + obj.embedding_l2 * penalty
+        parts["embedding_l2"] = float(penalty.detach())
+    return loss, parts
+
+
+def _distilled(teachers: Sequence[RecModel], batch: Batch, obj: Objective, logits: Tensor, targets: Tensor,
+               cand: Tensor | None, hard: Tensor) -> tuple[Tensor, dict[str, float]]:
+    """``(1 - alpha) * hard + alpha * distill`` for a distilled student; the hard loss alone otherwise."""
     if not obj.distilling:
         return hard, {"hard": float(hard.detach())}
     if batch.teacher_items is not None:

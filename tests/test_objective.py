@@ -145,3 +145,28 @@ def test_local_shard_batches_cover_every_row_once_per_epoch():
     # more steps than the shard has rows: rows are reused, never invented (DDP needs equal step counts)
     more = shard.batches(2, 4, np.random.default_rng(1))
     assert len(more) == 4 and {u for b in more for u in b.users.tolist()} <= {1, 2, 5, 7, 9}
+
+
+def test_embedding_l2_adds_the_batch_rows_squared_norm_over_users(models, batch):
+    student, _ = models
+    plain = Objective(n_items=N_ITEMS, hard_loss="softmax", n_negatives=4)
+    reg = Objective(n_items=N_ITEMS, hard_loss="softmax", n_negatives=4, embedding_l2=0.5)
+    base, _ = batch_loss(student, [], batch, plain)
+    loss, parts = batch_loss(student, [], batch, reg)
+    u, v = student.user_emb.weight.detach(), student.item_emb.weight.detach()
+    # users 1, 3, 4; positives 0, 5, 2, 7, 8, 11 (each once): by hand, over 3 users
+    by_hand = (sum(float(u[i] @ u[i]) for i in (1, 3, 4)) + sum(float(v[i] @ v[i]) for i in (0, 5, 2, 7, 8, 11))) / 3
+    assert parts["embedding_l2"] == pytest.approx(by_hand, rel=1e-5)
+    assert float(loss) == pytest.approx(float(base) + 0.5 * by_hand, rel=1e-5)
+    loss.backward()  # rows the batch does not use get no gradient from the penalty (nor from the softmax: users)
+    assert torch.count_nonzero(student.user_emb.weight.grad[[0, 2, 5]]) == 0
+
+
+def test_embedding_l2_is_validated_and_reaches_the_objective():
+    from kdray.config import ConfigError, load_config
+
+    cfg = load_config(None, ["student_train.embedding_l2=0.001"])
+    assert Objective.from_config(cfg, "student", N_ITEMS).embedding_l2 == 0.001
+    assert Objective.from_config(cfg, "teacher", N_ITEMS).embedding_l2 == 0.0
+    with pytest.raises(ConfigError, match="teacher_train.embedding_l2"):
+        load_config(None, ["teacher_train.embedding_l2=-1"])
