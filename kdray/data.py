@@ -328,9 +328,21 @@ def _ml100k_features(folder: Path) -> tuple[Features, Features, tuple[Path, ...]
     names = [line.split("|")[0] for line in gpath.read_text(encoding="latin-1").splitlines() if line.strip()] \
         if gpath.is_file() else []
     inames = tuple(f"genre={g}" for g in names) if len(names) == 19 else tuple(f"genre_{j}" for j in range(19))
-    return (Features(_numeric(users, "user", upath, integer=True), uvalues, unames, upath),
-            Features(_numeric(items, "item", ipath, integer=True), genres.astype(np.float32), inames, ipath),
+    return (Features(_unique_ids(users, "user", upath), uvalues, unames, upath),
+            Features(_unique_ids(items, "item", ipath), genres.astype(np.float32), inames, ipath),
             (upath, ipath))
+
+
+def _unique_ids(df: pd.DataFrame, col: str, path: Path) -> np.ndarray:
+    """The integer ids of a side-feature file, one row per id: a repeated id is a DataError naming both lines."""
+    ids = _numeric(df, col, path, integer=True)
+    repeated = pd.Series(ids).duplicated().to_numpy()
+    if repeated.any():
+        at = int(np.argmax(repeated))
+        first = int(np.argmax(ids == ids[at]))
+        raise DataError(f"{path} line {df.index[at]}: {col} {ids[at]} already has a row (line {df.index[first]}); "
+                        f"expected one row per {col}")
+    return ids
 
 
 def _lightgcn_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
