@@ -104,9 +104,9 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0  # Adam's (coupled) L2 on every parameter, every step
     # L2 on the embeddings a batch uses (its users and their positive items), summed and divided by the batch's user
-    # count: RecBole's reg_weight, LightGCN's decay. Unlike weight_decay it leaves rows the batch does not use alone;
-    # Adam's coupled weight decay shrinks those every step, and on Gowalla (117 user batches an epoch, each user in
-    # one) weight_decay=1e-4 held the teacher's validation NDCG@20 at 0.012 after 3 epochs (BENCHMARKS.md)
+    # count: RecBole's reg_weight, LightGCN's decay. Unlike weight_decay it leaves rows the batch does not use alone:
+    # with batches of users, a user's row gets its data gradient once an epoch but Adam's coupled weight decay pulls
+    # it every step (117 steps an epoch on Gowalla)
     embedding_l2: float = 0.0
     hard_loss: HardLoss = "softmax"
     n_negatives: int = 1024  # sampled_softmax: shared negatives per batch; bpr / bce: negatives per positive
