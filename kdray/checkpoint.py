@@ -8,7 +8,8 @@ Layout (``FILES``)::
     config.json       the resolved kdray config of the run that trained it
     metrics.json      validation (and, once evaluated, test) metrics
     vocab.npz         raw user and item ids (index = dense id) and each user's training items (CSR) for masking
-    train_state.pt    optional: optimiser, epoch, RNG state, for resuming an interrupted training
+    train_state.pt    optional: optimiser, epoch, early-stopping state, for resuming an interrupted training (no
+                      random-number state: kdray.train reseeds every epoch from the seed and the epoch)
 
 Writes are atomic: files go to a temporary sibling directory that is renamed into place, so a crash mid-write never
 leaves a half checkpoint that later loads.

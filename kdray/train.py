@@ -12,9 +12,13 @@ Three layers, as in Ray's own examples:
   and exports the best checkpoint (by the validation metric) as a self-describing kdray checkpoint.
 * kdray.tune imports :func:`train_model` for every trial.
 
-Resuming: Ray Train V2 restores a run whose ``RunConfig(name, storage_path)`` already exists, and the loop resumes from
-``ray.train.get_checkpoint()`` (model, optimiser, epoch, early-stopping state). Shuffling and sampling are seeded by
-(seed, epoch, rank), so a resumed run repeats exactly the epochs it had not finished.
+Resuming: a worker that dies makes Ray Train restart the worker group (``ray.max_failures`` times), and a new driver
+running the same command restores the run whose ``RunConfig(name, storage_path)`` already exists; either way the loop
+resumes from ``ray.train.get_checkpoint()``, the latest epoch's checkpoint (model, optimiser, epoch, early-stopping
+state, history). No random-number state needs saving: every epoch reseeds the shuffle, dropout and negative sampling
+from (seed, epoch, rank), and a shard's rows are put in user order whatever order Ray Data delivers its blocks in, so
+a resumed run repeats exactly the epochs it had not finished (bit for bit with one worker and one thread per worker on
+CPU). Only the unfinished epoch is lost; ``resumed_after`` in the exported metrics lists the epochs resumed after.
 """
 
 from __future__ import annotations
@@ -108,7 +112,8 @@ class LocalShard:
     def from_tables(cls, tables: list[pa.Table]) -> "LocalShard":
         if not tables:
             return cls(np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0, np.int64))
-        table = pa.concat_tables(tables).combine_chunks()
+        # user order: the row permutation of each epoch must not depend on the order Ray Data delivered blocks in
+        table = pa.concat_tables(tables).sort_by("user").combine_chunks()
         lists = table.column("items").chunk(0) if table.num_rows else pa.array([], pa.list_(pa.int64()))
         offsets = lists.offsets.to_numpy().astype(np.int64)
         t_items = t_logits = None
@@ -265,7 +270,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     core: RecModel = getattr(model, "module", model)
     optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
 
-    start_epoch, best, bad_epochs, history = 0, -math.inf, 0, []
+    start_epoch, best, bad_epochs, history, resumed_after = 0, -math.inf, 0, [], []
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as d:
@@ -277,8 +282,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best, bad_epochs = state["epoch"], state["best"], state["bad_epochs"]
         history = json.loads(state["history"])
+        resumed_after = [*state.get("resumed_after", []), start_epoch]  # a worker-group restart or a new driver
         if rank == 0:
             print(f"[{role}] resuming after epoch {start_epoch} (best {metric} {best:.4f})", flush=True)
+        if tcfg.patience > 0 and bad_epochs >= tcfg.patience:
+            # It had stopped early and only its export was lost (a driver killed after fit): train no further epoch,
+            # or the rerun would train one more than the uninterrupted run and might pick another best model.
+            start_epoch = tcfg.epochs
 
     shard = ray.train.get_dataset_shard("train")
     local = None
@@ -329,7 +339,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 torch.save(core.state_dict(), Path(tmp) / WEIGHTS)
                 (Path(tmp) / MODEL).write_text(json.dumps({"args": model_args(core)}))
                 torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch + 1, "best": best,
-                            "bad_epochs": bad_epochs, "history": json.dumps(history)}, Path(tmp) / TRAIN_STATE)
+                            "bad_epochs": bad_epochs, "history": json.dumps(history), "resumed_after": resumed_after},
+                           Path(tmp) / TRAIN_STATE)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             report = {k: v for k, v in record.items() if isinstance(v, (int, float))}
             ray.train.report({**report, "should_checkpoint": True}, checkpoint=checkpoint)
@@ -534,13 +545,15 @@ def train_model(cfg: Config, role: str, data: PreparedData, *, out_dir: Path, na
         raise KdrayError(f"{role} training reported no checkpoint (see the worker logs under {storage}/{name})")
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][cfg.select_metric])
     with result.checkpoint.as_directory() as d:
-        history = json.loads(torch.load(Path(d) / TRAIN_STATE, weights_only=True)["history"])
+        last = torch.load(Path(d) / TRAIN_STATE, weights_only=True)
+    history = json.loads(last["history"])
     with best_ckpt.as_directory() as d:
         model = build_model(**json.loads((Path(d) / MODEL).read_text())["args"])
         model.load_state_dict(torch.load(Path(d) / WEIGHTS, map_location="cpu", weights_only=True))
     val = {f"valid_{k}": v for k, v in best_metrics.items() if "@" in k}
     metrics = {**val, "best_epoch": int(best_metrics["epoch"]), "epochs_run": len(history),
-               "train_seconds": seconds, "n_params": count_parameters(model)}
+               "resumed_after": list(last.get("resumed_after", [])), "train_seconds": seconds,
+               "n_params": count_parameters(model)}
     lineage = {"teachers": [str(Path(p).resolve()) for p in teachers] if uses_teacher else [],
                "distill": to_dict(cfg.distill) if objective.distilling else None, "ray_run": f"{storage}/{name}", "stage_key": stage_key}
     save_checkpoint(out_dir, model, role=role, config=to_dict(cfg),
