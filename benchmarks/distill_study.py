@@ -53,6 +53,9 @@ def main(argv=None) -> int:
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), help="rows of SETTINGS to run")
     p.add_argument("--alpha", type=float, default=None, help="distill.alpha for every setting (default: config)")
     p.add_argument("--ensemble", type=int, default=3, help="teachers in the ensemble row")
+    p.add_argument("--only-control", action="store_true",
+                   help="train only the student alone (e.g. beside a run that trains the teachers); a later full run "
+                        "with the same settings reuses it")
     p.add_argument("--out", default=None, help="JSON results")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
@@ -81,10 +84,12 @@ def main(argv=None) -> int:
         print(f"[seed {seed}] run dir {cfg.run_dir}", flush=True)
         data = prepare_data(cfg)
         ks = base.eval.ks
+        if a.only_control:
+            control = train_stage(alone(cfg), "student", data, cfg.run_dir / "student_alone", [])
+            record("student alone", evaluate_checkpoint(control, data, ks=ks, write=False))
+            continue
         teachers = train_teachers(cfg, data)
         record("teacher", evaluate_checkpoint(teachers[0], data, ks=ks, write=False))
-        control = train_stage(alone(cfg), "student", data, cfg.run_dir / "student_alone", [])
-        record("student alone", evaluate_checkpoint(control, data, ks=ks, write=False))
         ensemble = None
         for label in a.settings:
             setting = dict(SETTINGS[label])
@@ -98,7 +103,13 @@ def main(argv=None) -> int:
             slug = f"{list(SETTINGS).index(label)}-{label.split(' ')[0]}"  # stable across runs: reruns reuse
             out = train_stage(scfg, "student", data, cfg.run_dir / f"student-{slug}", teachers_for)
             record(label, evaluate_checkpoint(out, data, ks=ks, write=False))
+        # the control last, so that an --only-control run started beside this one has finished it by then
+        control = train_stage(alone(cfg), "student", data, cfg.run_dir / "student_alone", [])
+        record("student alone", evaluate_checkpoint(control, data, ks=ks, write=False))
 
+    if a.only_control:
+        ray.shutdown()
+        return 0
     teacher = statistics.mean(results["teacher"][metric])
     solo = results["student alone"][metric]
     lines = [f"| model | params | {metric} | {recall} | gain vs alone | gap recovered |", "|---|---|---|---|---|---|"]
