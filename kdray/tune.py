@@ -551,6 +551,8 @@ def _rows(grid: Any, arm: str, cfg: Config, data: Any, teacher_n: int, cache: di
           distill_keys: list[str]) -> list[dict[str, Any]]:
     """One leaderboard row per trial; status as :func:`trial_status` (``completed`` covers the training loop's own
     early stop on ``patience``)."""
+    from kdray.train import FAILURE_KEY
+
     metric = cfg.select_metric
     export_root = Path(_abs(cfg.run_dir)) / "tune" / "trials" / arm
     rows = []
@@ -566,7 +568,8 @@ def _rows(grid: Any, arm: str, cfg: Config, data: Any, teacher_n: int, cache: di
             params.update({k: CONTROL.get(k, "-") for k in distill_keys})
         rows.append({
             "arm": arm, "trial": trial_id, "status": status, "epochs": int(m.get("epoch", 0)),
-            f"valid_{metric}": float(m.get("best", m.get(metric, float("nan")))),
+            # a trial whose loss became non-finite last reported FAILED_SCORE, a marker and no validation result
+            f"valid_{metric}": float("nan") if FAILURE_KEY in m else float(m.get("best", m.get(metric, float("nan")))),
             f"test_{metric}": float("nan"),
             "n_params": n_params, "params_ratio": n_params / teacher_n, "latency_ms_per_1000_users": latency,
             **{k: params[k] for k in sorted(params)},
