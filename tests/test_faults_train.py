@@ -160,6 +160,13 @@ def _teacher_cli(runs: Path, address: str, log: Path) -> subprocess.Popen:
 def test_a_killed_driver_resumes_when_the_same_command_runs_again(reference, ray_cluster, tmp_path):
     _, _, expected = reference
     address = ray_cluster.get_runtime_context().gcs_address
+    from ray._private import state
+    from ray.util import placement_group_table
+
+    def held_placement_groups() -> set[str]:
+        return {k for k, pg in placement_group_table().items() if pg["state"] != "REMOVED"}
+
+    held_before = held_placement_groups()  # by earlier tests of the session, if any
     ray_root = tmp_path / "driver" / "ray"
     first = _teacher_cli(tmp_path, address, tmp_path / "first.log")
     try:
@@ -177,8 +184,6 @@ def test_a_killed_driver_resumes_when_the_same_command_runs_again(reference, ray
             os.kill(first.pid, signal.SIGKILL)
     killed_at = _registered_epoch(run)
     assert 1 <= killed_at < EPOCHS and not (tmp_path / "driver" / "teacher").exists()
-    from ray._private import state
-
     job = next(j["JobID"] for j in state.jobs() if j.get("DriverPid") == first.pid)
     try:
         # Ray ends a dead driver's job: its controller and workers go, so nothing holds the CPUs the rerun needs
@@ -193,13 +198,12 @@ def test_a_killed_driver_resumes_when_the_same_command_runs_again(reference, ray
         finally:
             if second.poll() is None:
                 os.kill(second.pid, signal.SIGKILL)
-        from ray.util import placement_group_table
-
-        assert {pg["state"] for pg in placement_group_table().values()} <= {"REMOVED"}
+        assert held_placement_groups() <= held_before  # neither run left its workers' CPUs reserved
     finally:
-        # Ray Train's detached PlacementGroupCleaner of the killed run asks the state API, which needs the dashboard
-        # this cluster runs without, whether the controller died, so it never learns and never exits. It holds no
-        # resources (the job's placement group went with the job); end it so the session does not carry it.
+        # Ray Train's detached PlacementGroupCleaner of the killed run asks the state API whether the controller
+        # died; that API needs the dashboard, which this cluster runs without, so it never learns and never exits.
+        # It holds no resources (the job's placement group went with the job); end it so the session does not carry
+        # it. (On a cluster with the dashboard it removes itself.)
         for cleaner in _alive_actors("PlacementGroupCleaner", job):
             os.kill(cleaner["Pid"], signal.SIGKILL)
     rerun = (tmp_path / "second.log").read_text()
