@@ -84,25 +84,22 @@ def main(argv=None) -> int:
         print(f"[seed {seed}] run dir {cfg.run_dir}", flush=True)
         data = prepare_data(cfg)
         ks = base.eval.ks
-        if a.only_control:
-            control = train_stage(alone(cfg), "student", data, cfg.run_dir / "student_alone", [])
-            record("student alone", evaluate_checkpoint(control, data, ks=ks, write=False))
-            continue
-        teachers = train_teachers(cfg, data)
-        record("teacher", evaluate_checkpoint(teachers[0], data, ks=ks, write=False))
-        ensemble = None
-        for label in a.settings:
-            setting = dict(SETTINGS[label])
-            teachers_for = teachers
-            if setting.pop("ensemble", False):
-                ens_cfg = replace(cfg, **{"distill.n_teachers": a.ensemble})
-                ensemble = ensemble or train_teachers(ens_cfg, data)
-                teachers_for = ensemble
-                setting["distill.n_teachers"] = a.ensemble
-            scfg = replace(cfg, **setting)
-            slug = f"{list(SETTINGS).index(label)}-{label.split(' ')[0]}"  # stable across runs: reruns reuse
-            out = train_stage(scfg, "student", data, cfg.run_dir / f"student-{slug}", teachers_for)
-            record(label, evaluate_checkpoint(out, data, ks=ks, write=False))
+        if not a.only_control:
+            teachers = train_teachers(cfg, data)
+            record("teacher", evaluate_checkpoint(teachers[0], data, ks=ks, write=False))
+            ensemble = None
+            for label in a.settings:
+                setting = dict(SETTINGS[label])
+                teachers_for = teachers
+                if setting.pop("ensemble", False):
+                    ens_cfg = replace(cfg, **{"distill.n_teachers": a.ensemble})
+                    ensemble = ensemble or train_teachers(ens_cfg, data)
+                    teachers_for = ensemble
+                    setting["distill.n_teachers"] = a.ensemble
+                scfg = replace(cfg, **setting)
+                slug = f"{list(SETTINGS).index(label)}-{label.split(' ')[0]}"  # stable across runs: reruns reuse
+                out = train_stage(scfg, "student", data, cfg.run_dir / f"student-{slug}", teachers_for)
+                record(label, evaluate_checkpoint(out, data, ks=ks, write=False))
         # the control last, so that an --only-control run started beside this one has finished it by then
         control = train_stage(alone(cfg), "student", data, cfg.run_dir / "student_alone", [])
         record("student alone", evaluate_checkpoint(control, data, ks=ks, write=False))
