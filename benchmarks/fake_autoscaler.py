@@ -106,7 +106,7 @@ def kdray_ready() -> str | None:
     """Why kdray's own search cannot run here yet, or None."""
     try:
         import kdray.pipeline  # noqa: F401
-        import kdray.tune  # noqa: F401
+        import kdray.tune.search  # noqa: F401
     except ImportError as e:
         return str(e)
     return None

@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kdray.cli import init_ray  # noqa: E402
 from kdray.config import load_config  # noqa: E402
 from kdray.models import build_model  # noqa: E402
-from kdray.objective import Objective, sampling_log_q  # noqa: E402
+from kdray.train.objective import Objective, sampling_log_q  # noqa: E402
 from kdray.pipeline import prepare_data  # noqa: E402
-from kdray.train import TRAIN_TABLE, LocalShard, run_epoch, train_model  # noqa: E402
+from kdray.train.loop import TRAIN_TABLE, LocalShard, run_epoch, train_model  # noqa: E402
 
 
 def plain_epochs(cfg, data, role: str, epochs: int, teachers=()) -> list[float]:

@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing kdray
 from kdray.checkpoint import Vocab, save_checkpoint  # noqa: E402
 from kdray.config import ServeConfig  # noqa: E402
 from kdray.models import build_model, count_parameters  # noqa: E402
-from kdray.predictor import Query, Recommender  # noqa: E402
+from kdray.serve.predictor import Query, Recommender  # noqa: E402
 from kdray.sparse import Csr  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
@@ -259,7 +259,7 @@ def bench_model(cat: Catalog, spec: dict[str, Any], args: argparse.Namespace, ba
                 cfg: ServeConfig) -> dict[str, Any]:
     from ray import serve
 
-    from kdray.serve import APP_NAME, build_app
+    from kdray.serve.app import APP_NAME, build_app
 
     label = spec_label(spec)
     ckpt = write_checkpoint(cat, spec, workdir / f"{cat.name}-{spec['name']}-{spec['dim']}")

@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from ray import serve
 
     from kdray.cli import init_ray
-    from kdray.serve import APP_NAME, serve_checkpoint
+    from kdray.serve.app import APP_NAME, serve_checkpoint
 
     t0 = time.monotonic()
 

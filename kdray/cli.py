@@ -108,7 +108,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
         return 0
     if args.command == "serve":
-        from kdray.serve import serve_checkpoint
+        from kdray.serve.app import serve_checkpoint
 
         ckpt = _require_dir(args.checkpoint, "checkpoint directory")
         init_ray(args.address)
@@ -130,7 +130,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         out = Path(args.out) if args.out else cfg.run_dir / "student"
         print(f"student checkpoint: {train_stage(cfg, 'student', prepare_data(cfg), out, teachers)}")
     elif args.command == "tune":
-        from kdray.tune import run_search
+        from kdray.tune.search import run_search
 
         run_search(cfg, resume=args.resume)
     return 0

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from kdray.checkpoint import load_checkpoint, update_metrics
-from kdray.data import PreparedData
+from kdray.data.prepare import PreparedData
 from kdray.metrics import full_ranking_evaluate
 from kdray.models import RecModel, count_parameters
-from kdray.train import check_matches_data
+from kdray.train.loop import check_matches_data
 
 
 def evaluate_model(model: RecModel, data: PreparedData, split: str = "test", ks: Sequence[int] = (10, 20),

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from kdray.config import DataConfig, fingerprint
-from kdray.data import (ITEMS, META, TRAIN_BY_USER, USERS, PreparedData, k_core, load_prepared, load_raw, prepare,
+from kdray.data.prepare import (ITEMS, META, TRAIN_BY_USER, USERS, PreparedData, k_core, load_prepared, load_raw, prepare,
                         ratio_counts)
 from kdray.errors import DataError
 

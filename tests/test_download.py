@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from kdray import download
+from kdray.data import download
 from kdray.config import DataConfig
-from kdray.data import prepare
-from kdray.download import MARKER, download_movielens
+from kdray.data.prepare import prepare
+from kdray.data.download import MARKER, download_movielens
 from kdray.errors import DataError
 
 U_DATA = "".join(f"{u}\t{i}\t{1 + (u + i) % 5}\t{880000000 + 7 * u + i}\n" for u in range(1, 6) for i in range(1, 7))

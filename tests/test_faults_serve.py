@@ -60,7 +60,7 @@ def test_replica_killed_under_load_is_replaced_and_only_in_flight_requests_fail(
     requests = pytest.importorskip("requests")
     from ray import serve
 
-    from kdray.serve import APP_NAME, serve_checkpoint
+    from kdray.serve.app import APP_NAME, serve_checkpoint
 
     soak = _soak_module()
     port = soak.free_port()
@@ -158,7 +158,7 @@ def test_live_deployment_answers_hostile_bodies_with_4xx(ray_cluster, tmp_path):
     requests = pytest.importorskip("requests")
     from ray import serve
 
-    from kdray.serve import APP_NAME, serve_checkpoint
+    from kdray.serve.app import APP_NAME, serve_checkpoint
 
     port = _soak_module().free_port()
     cfg = ServeConfig(port=port, max_k=5, max_request_batch=3, max_batch_size=4, max_ongoing_requests=8,

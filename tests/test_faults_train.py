@@ -32,7 +32,7 @@ import torch
 from kdray.checkpoint import load_checkpoint
 from kdray.config import load_config
 from kdray.pipeline import prepare_data
-from kdray.train import train_model
+from kdray.train.loop import train_model
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 3
@@ -256,7 +256,7 @@ def test_rerunning_a_finished_early_stopped_run_trains_no_further_epoch(ray_clus
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_diverging_trial_is_recorded_as_failed_and_the_search_goes_on(ray_cluster, tmp_path):
-    from kdray.tune import _rows, choose_winner, resolve_space, run_arm, validate_space, write_leaderboard
+    from kdray.tune.search import _rows, choose_winner, resolve_space, run_arm, validate_space, write_leaderboard
 
     space = {"student_train.lr": {"grid": [1e30, 0.02]}}  # the diverging trial runs first
     cfg = load_config(None, [*TINY, f"runs_dir={tmp_path}", "name=search", "tune.num_samples=1",

@@ -29,9 +29,9 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from kdray.config import Config, DataConfig, load_config, to_dict
-from kdray.data import load_raw, prepare
+from kdray.data.prepare import load_raw, prepare
 from kdray.errors import ConfigError, DataError
-from kdray.predictor import checkpoint_version
+from kdray.serve.predictor import checkpoint_version
 
 # KDRAY_FUZZ_SCALE=10 runs ten times the examples (a longer hunt than the test suite's ~10 s of them).
 SCALE = float(os.environ.get("KDRAY_FUZZ_SCALE", "1"))
@@ -82,7 +82,7 @@ def api(tmp_path_factory):
     import ray.serve
     import torch
 
-    from kdray import serve as kserve
+    from kdray.serve import app as kserve
     from kdray.config import ServeConfig
     from test_serve import make_checkpoint
 

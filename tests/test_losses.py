@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdray import losses
-from kdray.losses import (
+from kdray.distill import losses
+from kdray.distill.losses import (
     DISTILL_LOSSES,
     bce,
     bpr,

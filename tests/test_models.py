@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdray import losses
+from kdray.distill import losses
 from kdray.errors import ConfigError, DataError
 from kdray.models import MODELS, MF, NeuMF, TwoTower, build_model, count_parameters, embedding_tables, model_args
 

@@ -5,12 +5,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from kdray import losses
+from kdray.distill import losses
 from kdray.config import Config, replace
 from kdray.models import build_model
-from kdray.objective import (CACHED_FILL, Objective, batch_from_lists, batch_loss, cached_teacher_logits,
+from kdray.train.objective import (CACHED_FILL, Objective, batch_from_lists, batch_loss, cached_teacher_logits,
                              sampling_log_q, teacher_logits)
-from kdray.train import LocalShard
+from kdray.train.loop import LocalShard
 
 N_USERS, N_ITEMS = 6, 12
 
@@ -86,7 +86,7 @@ def test_sampled_candidates_contain_every_positive_and_scores_match(models, batc
     gen = torch.Generator().manual_seed(0)
     loss, parts = batch_loss(student, [teacher], batch, obj, log_q, gen)
     assert torch.isfinite(loss) and set(parts) == {"hard", "distill"}
-    from kdray.objective import _candidates
+    from kdray.train.objective import _candidates
 
     cand, targets = _candidates(batch, obj, log_q, torch.Generator().manual_seed(0))
     assert set(batch.pos_items.tolist()) <= set(cand.tolist())

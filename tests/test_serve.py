@@ -15,7 +15,7 @@ from kdray.checkpoint import Vocab, save_checkpoint
 from kdray.config import ServeConfig
 from kdray.errors import CheckpointError, ConfigError
 from kdray.models import build_model
-from kdray.predictor import Query, Recommender, RequestError, checkpoint_version
+from kdray.serve.predictor import Query, Recommender, RequestError, checkpoint_version
 from kdray.sparse import Csr
 
 USER_IDS = np.array(["u0", "u1", "7", "u3", "u4", "u5"])  # "7": an id a client may send as the int 7
@@ -156,7 +156,7 @@ def test_serve_routes_bad_requests_and_zero_downtime_redeploy(ray_cluster, ckpt,
     requests = pytest.importorskip("requests")
     from ray import serve
 
-    from kdray.serve import APP_NAME, serve_checkpoint
+    from kdray.serve.app import APP_NAME, serve_checkpoint
 
     port = _free_port()
     cfg = ServeConfig(port=port, max_k=5, max_request_batch=3, max_batch_size=4, max_ongoing_requests=8,

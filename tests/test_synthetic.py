@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kdray.synthetic import Taste, allocate_activity, generate
+from kdray.data.synthetic import Taste, allocate_activity, generate
 
 SMALL = dict(n_users=300, n_items=200, n_interactions=9000, n_clusters=8, latent_dim=8, popularity_exponent=1.0)
 

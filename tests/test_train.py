@@ -14,7 +14,7 @@ from kdray.cli import main
 from kdray.config import load_config
 from kdray.evaluate import evaluate_checkpoint
 from kdray.pipeline import alone, prepare_data
-from kdray.train import train_model
+from kdray.train.loop import train_model
 
 pytestmark = pytest.mark.ray
 
@@ -92,7 +92,7 @@ def test_student_alone_has_no_distillation_term(trained):
 def test_non_finite_loss_stops_with_a_clear_error_and_saves_nothing(trained):
     cfg, data, _ = trained
     bad = load_config(None, [*TINY, f"runs_dir={cfg.runs_dir}", "teacher_train.lr=1e30", "teacher_train.epochs=2"])
-    from kdray.train import NonFiniteLossError
+    from kdray.train.loop import NonFiniteLossError
 
     with pytest.raises(NonFiniteLossError, match="lower teacher_train.lr"):
         train_model(bad, "teacher", data, out_dir=cfg.run_dir / "nan-teacher", name="nan-teacher")

@@ -25,7 +25,7 @@ from kdray.checkpoint import load_checkpoint
 from kdray.cli import main
 from kdray.config import load_config
 from kdray.errors import ConfigError
-from kdray.tune import (ARMS, arm_keys, arm_trials, base_point, choose_winner, resolve_space, run_search,
+from kdray.tune.search import (ARMS, arm_keys, arm_trials, base_point, choose_winner, resolve_space, run_search,
                         trial_config, validate_space)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +142,7 @@ def test_model_based_searchers_are_an_optional_extra_and_take_no_grid():
     try:
         import optuna  # noqa: F401
     except ImportError:
-        from kdray.tune import _searcher
+        from kdray.tune.search import _searcher
 
         with pytest.raises(ConfigError, match=r"pip install kdray\[optuna\]"):
             _searcher(_tiny("tune.searcher=optuna"), METRIC)
@@ -282,7 +282,7 @@ def test_leaderboard_report_and_plot_put_each_arm_side_by_side(search):
 def test_the_exported_winner_loads_and_scores(search):
     from kdray.evaluate import evaluate_checkpoint
     from kdray.pipeline import prepare_data
-    from kdray.predictor import Recommender
+    from kdray.serve.predictor import Recommender
 
     result = search["result"]
     best = result.best_dir

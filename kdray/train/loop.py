@@ -37,14 +37,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from kdray import losses
+from kdray.distill import losses
 from kdray.checkpoint import MODEL, TRAIN_STATE, WEIGHTS, Checkpoint, Vocab, load_checkpoint, save_checkpoint
 from kdray.config import Config, from_dict, to_dict
-from kdray.data import PreparedData
+from kdray.data.prepare import PreparedData
 from kdray.errors import CheckpointError, KdrayError
 from kdray.metrics import full_ranking_evaluate
 from kdray.models import RecModel, build_model, count_parameters, embedding_tables, model_args
-from kdray.objective import Batch, Objective, batch_loss, batch_from_lists, sampling_log_q
+from kdray.train.objective import Batch, Objective, batch_loss, batch_from_lists, sampling_log_q
 from kdray.sparse import Csr
 
 TRAIN_TABLE = "train_by_user.parquet"

@@ -48,10 +48,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdray.config import DataConfig, fingerprint, to_dict
-from kdray.download import download_movielens  # also re-exported: kdray.data.download_movielens
+from kdray.data.download import download_movielens  # also re-exported: kdray.data.download_movielens
 from kdray.errors import DataError
 from kdray.sparse import Csr
-from kdray.synthetic import generate
+from kdray.data.synthetic import generate
 
 FORMAT_VERSION = 1
 META = "meta.json"

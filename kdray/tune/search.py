@@ -412,8 +412,8 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], arm: str, data_dir: 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from kdray.config import from_dict
-    from kdray.data import load_prepared
-    from kdray.train import train_model
+    from kdray.data.prepare import load_prepared
+    from kdray.train.loop import train_model
 
     cfg = trial_config(from_dict(base), params, arm)
     trial_id = tune.get_context().get_trial_id()
@@ -551,7 +551,7 @@ def _rows(grid: Any, arm: str, cfg: Config, data: Any, teacher_n: int, cache: di
           distill_keys: list[str]) -> list[dict[str, Any]]:
     """One leaderboard row per trial; status as :func:`trial_status` (``completed`` covers the training loop's own
     early stop on ``patience``)."""
-    from kdray.train import FAILURE_KEY
+    from kdray.train.loop import FAILURE_KEY
 
     metric = cfg.select_metric
     export_root = Path(_abs(cfg.run_dir)) / "tune" / "trials" / arm

@@ -45,7 +45,7 @@ from kdray import __version__
 from kdray.checkpoint import load_checkpoint
 from kdray.config import ServeConfig, from_dict
 from kdray.errors import ConfigError
-from kdray.predictor import Query, Recommendation, Recommender, RequestError
+from kdray.serve.predictor import Query, Recommendation, Recommender, RequestError
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ def build_app(checkpoint_dir: str | Path, serve_cfg: ServeConfig = ServeConfig()
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
-    """Entry point for Serve config files (``import_path: kdray.serve:app_builder``); Serve passes the
+    """Entry point for Serve config files (``import_path: kdray.serve.app:app_builder``); Serve passes the
     application's ``args``:
 
         checkpoint: the checkpoint directory (required; relative paths resolve against the working directory)

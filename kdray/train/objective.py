@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdray import losses
+from kdray.distill import losses
 from kdray.config import Config
 from kdray.models import RecModel, embedding_tables
 

@@ -1,0 +1,1 @@
+"""Interactions in, prepared Parquet out: readers, the built-in generator, the downloader, filtering and splits."""

@@ -1,0 +1,1 @@
+"""Distillation: the pure loss functions and what a student needs of its teachers."""

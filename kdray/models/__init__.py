@@ -1,0 +1,13 @@
+"""Recommender models behind one interface, and the registry that builds them by name."""
+
+from kdray.models.base import (  # noqa: F401
+    MODELS,
+    MF,
+    NeuMF,
+    RecModel,
+    TwoTower,
+    build_model,
+    count_parameters,
+    embedding_tables,
+    model_args,
+)

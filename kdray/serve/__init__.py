@@ -1,0 +1,1 @@
+"""Serving: the plain predictor and the thin Ray Serve deployment over it."""

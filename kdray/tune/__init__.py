@@ -1,0 +1,1 @@
+"""Ray Tune: the search space, the searches and their report."""
