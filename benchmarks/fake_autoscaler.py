@@ -85,7 +85,7 @@ def plain_search(trials: int, seconds: int, storage: str) -> None:
 TINY = {
     "name": "fake-autoscaler",
     # The fake gpu_worker nodes advertise a logical GPU with no GPU behind it: with device=auto a stage that starts
-    # while one is up would ask for it (kdray.train.resolve_use_gpu) and fail to find NCCL.
+    # while one is up would ask for it (kdray.train.driver.resolve_use_gpu) and fail to find NCCL.
     "device": "cpu",
     "data": {"source": "synthetic", "n_users": 200, "n_items": 100, "n_interactions": 4000, "n_clusters": 4},
     "teacher": {"name": "mf", "dim": 16, "hidden": []},

@@ -36,7 +36,10 @@ from kdray.config import load_config  # noqa: E402
 from kdray.models import build_model  # noqa: E402
 from kdray.train.objective import Objective, sampling_log_q  # noqa: E402
 from kdray.pipeline import prepare_data  # noqa: E402
-from kdray.train.loop import TRAIN_TABLE, LocalShard, run_epoch, train_model  # noqa: E402
+from kdray.data.prepare import TRAIN_BY_USER  # noqa: E402
+from kdray.train.driver import train_model  # noqa: E402
+from kdray.train.loop import run_epoch  # noqa: E402
+from kdray.train.shard import LocalShard  # noqa: E402
 
 
 def plain_epochs(cfg, data, role: str, epochs: int, teachers=()) -> list[float]:
@@ -47,7 +50,7 @@ def plain_epochs(cfg, data, role: str, epochs: int, teachers=()) -> list[float]:
     model = build_model(m.name, n_users=data.n_users, n_items=data.n_items, dim=m.dim, hidden=m.hidden,
                         user_features=data.user_features, item_features=data.item_features)
     opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    shard = LocalShard.from_tables([pq.read_table(data.path / TRAIN_TABLE)])
+    shard = LocalShard.from_tables([pq.read_table(data.path / TRAIN_BY_USER)])
     obj = Objective.from_config(cfg, role, data.n_items)
     log_q = sampling_log_q(data.item_popularity()) if obj.sampled else None
     n_steps = -(-len(shard) // tcfg.batch_size)

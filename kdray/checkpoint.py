@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from kdray import __version__
 from kdray.errors import CheckpointError
 from kdray.models import RecModel, build_model, count_parameters, model_args
 from kdray.sparse import Csr
+
+if TYPE_CHECKING:  # a type only: data depends on nothing here, and importing it would load pandas for every reader
+    from kdray.data.prepare import PreparedData
 
 FORMAT_VERSION = 1
 WEIGHTS, MODEL, META, CONFIG, METRICS, VOCAB, TRAIN_STATE = (
@@ -214,3 +217,14 @@ def load_checkpoint(directory: str | Path, *, map_location: str | torch.device =
             raise CheckpointError(f"training state {directory / TRAIN_STATE} cannot be loaded: {e}") from None
     return Checkpoint(model=model, args=args, meta=meta, config=config, metrics=metrics, vocab=vocab,
                       path=directory, train_state=train_state)
+
+
+def check_matches_data(ckpt: Checkpoint, data: PreparedData) -> None:
+    """A checkpoint (a teacher, or a model to evaluate) must come from the same catalog: sizes and raw ids."""
+    teacher_dir = ckpt.path
+    if ckpt.model.n_items != data.n_items or ckpt.model.n_users != data.n_users:
+        raise CheckpointError(
+            f"checkpoint {teacher_dir} was trained on {ckpt.model.n_users} users x {ckpt.model.n_items} items, "
+            f"but the data has {data.n_users} x {data.n_items}: train it on this data first")
+    if not (np.array_equal(ckpt.vocab.item_ids, data.item_ids) and np.array_equal(ckpt.vocab.user_ids, data.user_ids)):
+        raise CheckpointError(f"checkpoint {teacher_dir} uses different user/item ids than the data in {data.path}")

@@ -17,7 +17,7 @@ from kdray.checkpoint import load_checkpoint, update_metrics
 from kdray.data.prepare import PreparedData
 from kdray.metrics import full_ranking_evaluate
 from kdray.models import RecModel, count_parameters
-from kdray.train.loop import check_matches_data
+from kdray.checkpoint import check_matches_data
 
 
 def evaluate_model(model: RecModel, data: PreparedData, split: str = "test", ks: Sequence[int] = (10, 20),

@@ -30,7 +30,7 @@ from kdray.checkpoint import META, load_checkpoint
 from kdray.config import Config, fingerprint, replace, to_dict
 from kdray.data.prepare import PreparedData, prepare
 from kdray.evaluate import evaluate_checkpoint
-from kdray.train.loop import train_model
+from kdray.train.driver import train_model
 
 TABLE_METRICS = ("recall@10", "ndcg@10", "hr@10", "mrr@10")
 

@@ -32,7 +32,7 @@ import torch
 from kdray.checkpoint import load_checkpoint
 from kdray.config import load_config
 from kdray.pipeline import prepare_data
-from kdray.train.loop import train_model
+from kdray.train.driver import train_model
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 3

@@ -10,7 +10,7 @@ from kdray.config import Config, replace
 from kdray.models import build_model
 from kdray.train.objective import (CACHED_FILL, Objective, batch_from_lists, batch_loss, cached_teacher_logits,
                              sampling_log_q, teacher_logits)
-from kdray.train.loop import LocalShard
+from kdray.train.shard import LocalShard
 
 N_USERS, N_ITEMS = 6, 12
 

@@ -14,7 +14,7 @@ from kdray.cli import main
 from kdray.config import load_config
 from kdray.evaluate import evaluate_checkpoint
 from kdray.pipeline import alone, prepare_data
-from kdray.train.loop import train_model
+from kdray.train.driver import train_model
 
 pytestmark = pytest.mark.ray
 

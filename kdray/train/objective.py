@@ -209,7 +209,7 @@ def _distilled(teachers: Sequence[RecModel], batch: Batch, obj: Objective, logit
     else:
         t_logits = teacher_logits(teachers, batch, cand)
     mask = targets > 0 if obj.mask_seen else None
-    # a cached top-K already combines the ensemble (kdray.train.TeacherTopK), so it is one "teacher" here
+    # a cached top-K already combines the ensemble (kdray.distill.teacher.TeacherTopK), so it is one "teacher" here
     weights = list(obj.teacher_weights) if obj.teacher_weights and batch.teacher_items is None else None
     distill = losses.distill_loss(obj.distill, logits, t_logits, weights, temperature=obj.temperature,
                                   k=obj.topk, mask=mask)

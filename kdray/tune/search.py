@@ -413,7 +413,7 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], arm: str, data_dir: 
 
     from kdray.config import from_dict
     from kdray.data.prepare import load_prepared
-    from kdray.train.loop import train_model
+    from kdray.train.driver import train_model
 
     cfg = trial_config(from_dict(base), params, arm)
     trial_id = tune.get_context().get_trial_id()

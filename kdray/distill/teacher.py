@@ -1,0 +1,103 @@
+"""What a student needs of its teachers: frozen copies shipped through the object store, the cached top-K (Ray Data
+batch inference) and the teacher-initialised start (PCA of the teacher's vectors)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from kdray.distill import losses
+from kdray.models import RecModel, build_model, embedding_tables, model_args
+from kdray.train.shard import table_batch
+
+
+def model_state(model: RecModel) -> dict[str, Any]:
+    """A frozen model as plain data for the object store: arguments and CPU tensors."""
+    model = getattr(model, "module", model)
+    return {"args": model_args(model), "state": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+
+
+def rebuild(state: dict[str, Any], device: torch.device | str = "cpu") -> RecModel:
+    model = build_model(**state["args"])
+    model.load_state_dict(state["state"])
+    return model.to(device)
+
+
+def frozen(model: RecModel) -> RecModel:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cached teacher top-K (distill.cached_topk): Ray Data batch inference, once, before the student trains.
+
+
+class TeacherTopK:
+    """``map_batches`` UDF: adds each user's teacher top-K unobserved items and logits (``t_items``, ``t_logits``)."""
+
+    def __init__(self, teachers: list[Any], weights: list[float] | None, k: int, n_threads: int = 1):
+        import ray
+
+        torch.set_num_threads(n_threads)
+        states = [ray.get(t) if isinstance(t, ray.ObjectRef) else t for t in teachers]
+        self.teachers = [frozen(rebuild(s)) for s in states]
+        self.weights, self.k = weights, k
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        batch = table_batch(table)
+        with torch.inference_mode():
+            logits = [t.score_all(batch.users) for t in self.teachers]
+            combined = losses.ensemble_teacher_logits(logits, self.weights, kind="rd") if len(logits) > 1 else logits[0]
+            combined = combined.clone()
+            combined[batch.pos_rows, batch.pos_items] = -math.inf  # unobserved items only
+            values, items = combined.topk(self.k, dim=1)
+        k = self.k
+        return (table.append_column("t_items", pa.FixedSizeListArray.from_arrays(pa.array(items.reshape(-1).numpy()), k))
+                .append_column("t_logits", pa.FixedSizeListArray.from_arrays(
+                    pa.array(values.reshape(-1).numpy().astype(np.float32)), k)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The knowledge-transfer start: student embeddings from the teacher's, projected by PCA.
+
+
+def teacher_factors(teacher: RecModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's user and item vectors whose dot product is its score: tower outputs for a two-tower model,
+    id embeddings otherwise (for NeuMF, its GMF half)."""
+    with torch.no_grad():
+        if hasattr(teacher, "user_vectors"):
+            teacher.eval()
+            return (teacher.user_vectors(torch.arange(teacher.n_users)),
+                    teacher.item_vectors(torch.arange(teacher.n_items)))
+        tu, ti = embedding_tables(teacher)
+        return tu.weight.detach(), ti.weight.detach()
+
+
+def pca_init_state(student: RecModel, teacher: RecModel) -> dict[str, torch.Tensor]:
+    """The student's state dict with its id embeddings replaced by the teacher's user and item vectors projected onto
+    their top principal directions (one projection shared by users and items, so that dot products keep their best
+    low-rank approximation), rescaled to the student's initial scale."""
+    su, si = embedding_tables(student)
+    d = su.weight.shape[1]
+    tu, ti = teacher_factors(teacher)
+    with torch.no_grad():
+        joint = torch.cat([tu, ti])  # [U + I, D]
+        _, _, v = torch.linalg.svd(joint - joint.mean(0, keepdim=True), full_matrices=False)  # v: [D', D]
+        proj = v[: min(d, v.shape[0])].T  # [D, d']
+        u, i = tu @ proj, ti @ proj
+        if u.shape[1] < d:  # a teacher narrower than the student: keep the student's own init in the rest
+            u = torch.cat([u, su.weight[:, u.shape[1]:]], 1)
+            i = torch.cat([i, si.weight[:, i.shape[1]:]], 1)
+        scale = su.weight.std() / torch.cat([u, i]).std().clamp_min(1e-12)
+        names = {id(p): n for n, p in student.named_parameters()}
+        state = {k: v.clone() for k, v in student.state_dict().items()}
+        state[names[id(su.weight)]] = u * scale
+        state[names[id(si.weight)]] = i * scale
+    return state
+
+

@@ -1,0 +1,152 @@
+"""The Ray Train driver: builds the Ray Dataset and the ``TorchTrainer`` for one teacher or student, runs ``fit``, and
+exports the best epoch (by the validation metric) as a self-describing kdray checkpoint. kdray.tune calls it for every
+trial."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from kdray.checkpoint import MODEL, TRAIN_STATE, WEIGHTS, Vocab, check_matches_data, load_checkpoint, save_checkpoint
+from kdray.config import Config, to_dict
+from kdray.data.prepare import TRAIN_BY_USER, PreparedData
+from kdray.distill.teacher import TeacherTopK, model_state, pca_init_state
+from kdray.errors import KdrayError
+from kdray.models import build_model, count_parameters
+from kdray.train.loop import FAILURE_KEY, NonFiniteLossError, payload_for, threads, train_worker
+from kdray.train.objective import Objective
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    checkpoint: Path  # the exported self-describing checkpoint of the best epoch
+    metrics: dict[str, Any]  # its validation metrics
+    history: list[dict[str, Any]] = field(repr=False)
+    train_seconds: float = 0.0
+    n_params: int = 0
+
+
+def resolve_use_gpu(cfg: Config) -> bool:
+    import ray
+
+    if cfg.device == "cpu":
+        return False
+    if cfg.device == "cuda" or cfg.ray.use_gpu:
+        return True
+    return ray.cluster_resources().get("GPU", 0) >= cfg.ray.num_workers
+
+
+def _role_model_args(cfg: Config, role: str, data: PreparedData) -> dict[str, Any]:
+    m = cfg.teacher if role == "teacher" else cfg.student
+    uf, itf = data.user_features, data.item_features
+    return dict(name=m.name, n_users=data.n_users, n_items=data.n_items, dim=m.dim, hidden=tuple(m.hidden),
+                dropout=m.dropout, user_features=uf, item_features=itf)
+
+
+def _user_error(error: BaseException) -> BaseException:
+    """The KdrayError a worker raised, if that is what failed the run; else the error itself (a bug or a crash)."""
+    seen, stack = set(), [error, *getattr(error, "worker_failures", {}).values()]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, KdrayError):
+            return e
+        stack += [getattr(e, "cause", None), e.__cause__, getattr(e, "controller_failure", None)]
+    return error
+
+
+def train_model(cfg: Config, role: str, data: PreparedData, *, out_dir: Path, name: str,
+                teachers: Sequence[Path] = (), storage_path: str | None = None,
+                callbacks: Sequence[Any] = (), stage_key: str | None = None) -> TrainOutcome:
+    """Trains a teacher or a student on Ray Train and exports its best epoch to ``out_dir``.
+
+    ``name`` is the Ray Train run name: rerunning with the same name and storage resumes an interrupted run.
+    """
+    import ray
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    if role not in ("teacher", "student"):
+        raise ValueError(f"role must be 'teacher' or 'student', not {role!r}")
+    objective = Objective.from_config(cfg, role, data.n_items)
+    if role == "student" and objective.distilling and not teachers:
+        raise KdrayError(f"distill.loss={cfg.distill.loss!r} with alpha={cfg.distill.alpha} needs a teacher checkpoint")
+    uses_teacher = objective.distilling or (role == "student" and cfg.distill.init_from_teacher)
+    teacher_ckpts = [load_checkpoint(p) for p in teachers] if uses_teacher else []
+    for ckpt in teacher_ckpts:
+        check_matches_data(ckpt, data)
+
+    dataset = ray.data.read_parquet(str(data.path / TRAIN_BY_USER))
+    teacher_refs = [ray.put(model_state(c.model)) for c in teacher_ckpts] if objective.distilling else []
+    if cfg.distill.cached_topk and teacher_refs:
+        weights = list(cfg.distill.teacher_weights) or None
+        dataset = dataset.map_batches(TeacherTopK, fn_constructor_kwargs=dict(
+            teachers=teacher_refs, weights=weights, k=cfg.distill.topk, n_threads=threads(cfg)),
+            batch_size=cfg.eval.batch_size, batch_format="pyarrow", concurrency=1,
+            num_cpus=min(1.0, cfg.ray.cpus_per_worker))
+        teacher_refs = []  # the student reads the cache with its shard and needs no live teacher
+    dataset = dataset.materialize()  # frees the CPUs Ray Data would hold while the workers run (RAY_NOTES.md)
+
+    # The initial model is built here, seeded, and sent once through the object store: side-feature buffers and a
+    # teacher-initialised start travel with it, and every worker starts from identical weights.
+    torch.manual_seed((cfg.teacher_train if role == "teacher" else cfg.student_train).seed)
+    initial = build_model(**_role_model_args(cfg, role, data))
+    if role == "student" and cfg.distill.init_from_teacher and teacher_ckpts:
+        initial.load_state_dict(pca_init_state(initial, teacher_ckpts[0].model))
+
+    use_gpu = resolve_use_gpu(cfg)
+    storage = storage_path or cfg.ray.storage_path or str((cfg.run_dir / "ray").resolve())
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "config": to_dict(cfg), "role": role, "payload": ray.put(payload_for(data)),
+            "init_state": ray.put(model_state(initial)), "teachers": teacher_refs,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage, callbacks=list(callbacks) or None,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=cfg.select_metric, checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures)),
+        datasets={"train": dataset},
+    )
+    t0 = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise _user_error(e) from None
+    seconds = time.perf_counter() - t0
+    if result.error is not None:
+        raise _user_error(result.error) from None
+    if FAILURE_KEY in (result.metrics or {}):
+        raise NonFiniteLossError(result.metrics[FAILURE_KEY])
+    if not result.best_checkpoints:
+        raise KdrayError(f"{role} training reported no checkpoint (see the worker logs under {storage}/{name})")
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][cfg.select_metric])
+    with result.checkpoint.as_directory() as d:
+        last = torch.load(Path(d) / TRAIN_STATE, weights_only=True)
+    history = json.loads(last["history"])
+    with best_ckpt.as_directory() as d:
+        model = build_model(**json.loads((Path(d) / MODEL).read_text())["args"])
+        model.load_state_dict(torch.load(Path(d) / WEIGHTS, map_location="cpu", weights_only=True))
+    val = {f"valid_{k}": v for k, v in best_metrics.items() if "@" in k}
+    metrics = {**val, "best_epoch": int(best_metrics["epoch"]), "epochs_run": len(history),
+               "resumed_after": list(last.get("resumed_after", [])), "train_seconds": seconds,
+               "n_params": count_parameters(model)}
+    lineage = {"teachers": [str(Path(p).resolve()) for p in teachers] if uses_teacher else [],
+               "distill": to_dict(cfg.distill) if objective.distilling else None, "ray_run": f"{storage}/{name}", "stage_key": stage_key}
+    save_checkpoint(out_dir, model, role=role, config=to_dict(cfg),
+                    vocab=Vocab(user_ids=data.user_ids, item_ids=data.item_ids, seen=data.train),
+                    metrics={**metrics, "history": history}, lineage=lineage)
+    return TrainOutcome(checkpoint=Path(out_dir), metrics=metrics, history=history, train_seconds=seconds,
+                        n_params=count_parameters(model))
