@@ -256,7 +256,9 @@ def test_rerunning_a_finished_early_stopped_run_trains_no_further_epoch(ray_clus
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_diverging_trial_is_recorded_as_failed_and_the_search_goes_on(ray_cluster, tmp_path):
-    from kdray.tune.search import _rows, choose_winner, resolve_space, run_arm, validate_space, write_leaderboard
+    from kdray.tune.report import choose_winner, leaderboard_rows, write_leaderboard
+    from kdray.tune.search import run_arm
+    from kdray.tune.space import resolve_space, validate_space
 
     space = {"student_train.lr": {"grid": [1e30, 0.02]}}  # the diverging trial runs first
     cfg = load_config(None, [*TINY, f"runs_dir={tmp_path}", "name=search", "tune.num_samples=1",
@@ -266,7 +268,7 @@ def test_a_diverging_trial_is_recorded_as_failed_and_the_search_goes_on(ray_clus
     validate_space(cfg, space)
     data = prepare_data(cfg)
     grid = run_arm(cfg, "alone", space, data.path, [], resume=False, log=lambda line: None)
-    rows = {r["student_train.lr"]: r for r in _rows(grid, "alone", cfg, data, 10_000, {}, [])}
+    rows = {r["student_train.lr"]: r for r in leaderboard_rows(grid, "alone", cfg, data, 10_000, {}, [])}
     failed, good = rows[1e30], rows[0.02]
     assert failed["status"] == "error" and not failed["checkpoint"]
     assert "non-finite" in failed["error"] and "lower student_train.lr" in failed["error"]

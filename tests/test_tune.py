@@ -25,8 +25,9 @@ from kdray.checkpoint import load_checkpoint
 from kdray.cli import main
 from kdray.config import load_config
 from kdray.errors import ConfigError
-from kdray.tune.search import (ARMS, arm_keys, arm_trials, base_point, choose_winner, resolve_space, run_search,
-                        trial_config, validate_space)
+from kdray.tune.report import choose_winner
+from kdray.tune.search import run_search
+from kdray.tune.space import ARMS, arm_keys, arm_trials, base_point, resolve_space, trial_config, validate_space
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
