@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from kdray.config import DataConfig
-from kdray.data.prepare import load_raw
+from kdray.data.readers import load_raw
 from kdray.errors import DataError
 
 REPO = Path(__file__).resolve().parent.parent

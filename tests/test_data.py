@@ -16,8 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from kdray.config import DataConfig, fingerprint
-from kdray.data.prepare import (ITEMS, META, TRAIN_BY_USER, USERS, PreparedData, k_core, load_prepared, load_raw, prepare,
-                        ratio_counts)
+from kdray.data.prepare import (ITEMS, META, TRAIN_BY_USER, USERS, PreparedData, k_core, load_prepared, prepare,
+                                ratio_counts)
+from kdray.data.readers import load_raw
 from kdray.errors import DataError
 
 OCCUPATIONS = ["artist", "doctor", "engineer", "student"]

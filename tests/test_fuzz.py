@@ -29,7 +29,8 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from kdray.config import Config, DataConfig, load_config, to_dict
-from kdray.data.prepare import load_raw, prepare
+from kdray.data.prepare import prepare
+from kdray.data.readers import load_raw
 from kdray.errors import ConfigError, DataError
 from kdray.serve.predictor import checkpoint_version
 
