@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -47,6 +45,7 @@ import pyarrow.parquet as pq
 from kdray.config import DataConfig, fingerprint, to_dict
 from kdray.data.readers import Features, RawData, load_raw
 from kdray.errors import DataError
+from kdray.layout import atomic_replace_dir
 from kdray.sparse import Csr
 
 FORMAT_VERSION = 1
@@ -269,21 +268,6 @@ def _write(out: Path, data: dict[str, Any]) -> None:
     (out / META).write_text(json.dumps(data["meta"], indent=2, sort_keys=True))
 
 
-def _publish(tmp: Path, out_dir: Path, fp: str) -> None:
-    """Moves the finished ``tmp`` folder to ``out_dir``, replacing a stale one; a concurrent prepare that already
-    published the same fingerprint wins."""
-    old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-    if out_dir.exists():
-        os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except OSError:
-        if _meta_fingerprint(out_dir) != fp:
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _meta_fingerprint(out_dir: Path) -> str | None:
     try:
         meta = json.loads((out_dir / META).read_text())
@@ -337,14 +321,7 @@ def prepare(cfg: DataConfig, out_dir: Path) -> PreparedData:
     data = {**splits, "user_ids": user_ids.astype(str), "item_ids": item_ids.astype(str), "meta": meta,
             "user_features": _aligned(raw.user_features, user_ids, "user"),
             "item_features": _aligned(raw.item_features, item_ids, "item")}
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        _write(tmp, data)
-        _publish(tmp, out_dir, fp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    atomic_replace_dir(out_dir, lambda tmp: _write(tmp, data))
     return load_prepared(out_dir)
 
 
