@@ -8,8 +8,12 @@ Layout (``FILES``)::
     config.json       the resolved kdray config of the run that trained it
     metrics.json      validation (and, once evaluated, test) metrics
     vocab.npz         raw user and item ids (index = dense id) and each user's training items (CSR) for masking
-    train_state.pt    optional: optimiser, epoch, early-stopping state, for resuming an interrupted training (no
-                      random-number state: kdray.train reseeds every epoch from the seed and the epoch)
+
+An epoch checkpoint of Ray Train (what a resumed training restarts from) holds only ``model.pt``, ``model.json`` and
+``train_state.pt`` (optimiser, epoch, early-stopping state, history; no random-number state: the training loop
+reseeds every epoch from the seed and the epoch): :func:`write_epoch_state` and :func:`read_epoch_state`.
+
+This module is the only reader and writer of these files.
 
 Writes are atomic: files go to a temporary sibling directory that is renamed into place, so a crash mid-write never
 leaves a half checkpoint that later loads.
@@ -18,11 +22,8 @@ leaves a half checkpoint that later loads.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ import torch
 
 from kdray import __version__
 from kdray.errors import CheckpointError
+from kdray.layout import atomic_replace_dir, atomic_write_text
 from kdray.models import RecModel, build_model, count_parameters, model_args
 from kdray.sparse import Csr
 
@@ -68,7 +70,6 @@ class Checkpoint:
     metrics: dict[str, Any]
     vocab: Vocab
     path: Path
-    train_state: dict[str, Any] | None = field(default=None, repr=False)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -94,7 +95,6 @@ def write_checkpoint_files(
     vocab: Vocab,
     metrics: dict[str, Any] | None = None,
     lineage: dict[str, Any] | None = None,
-    train_state: dict[str, Any] | None = None,
 ) -> None:
     """Writes the checkpoint files into an existing (empty) directory. Prefer :func:`save_checkpoint`."""
     model = getattr(model, "module", model)  # unwrap DDP
@@ -121,29 +121,12 @@ def write_checkpoint_files(
         seen_indptr=vocab.seen.indptr,
         seen_indices=vocab.seen.indices,
     )
-    if train_state is not None:
-        torch.save(train_state, directory / TRAIN_STATE)
 
 
 def save_checkpoint(directory: str | Path, model: RecModel, **kwargs: Any) -> Path:
     """Atomically writes a checkpoint to ``directory`` (replacing an existing one). Keyword arguments as
     :func:`write_checkpoint_files`."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        write_checkpoint_files(tmp, model, **kwargs)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+    return atomic_replace_dir(Path(directory), lambda tmp: write_checkpoint_files(tmp, model, **kwargs))
 
 
 def update_metrics(directory: str | Path, metrics: dict[str, Any]) -> None:
@@ -151,9 +134,7 @@ def update_metrics(directory: str | Path, metrics: dict[str, Any]) -> None:
     directory = Path(directory)
     current = json.loads((directory / METRICS).read_text()) if (directory / METRICS).exists() else {}
     current.update(metrics)
-    tmp = directory / f".{METRICS}.tmp"
-    _write_json(tmp, current)
-    os.replace(tmp, directory / METRICS)
+    atomic_write_text(directory / METRICS, json.dumps(current, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
 def _read_json(path: Path) -> Any:
@@ -163,8 +144,7 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(f"checkpoint file {path} is unreadable or corrupt: {e}") from None
 
 
-def load_checkpoint(directory: str | Path, *, map_location: str | torch.device = "cpu",
-                    with_train_state: bool = False) -> Checkpoint:
+def load_checkpoint(directory: str | Path, *, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Loads and rebuilds a checkpoint. Never unpickles arbitrary objects (``weights_only=True``); a missing,
     truncated or corrupt file raises :class:`CheckpointError` naming it."""
     directory = Path(directory)
@@ -209,14 +189,8 @@ def load_checkpoint(directory: str | Path, *, map_location: str | torch.device =
         )
     vocab = Vocab(user_ids=user_ids, item_ids=item_ids,
                   seen=Csr(indptr=indptr, indices=indices, n_rows=model.n_users, n_cols=model.n_items))
-    train_state = None
-    if with_train_state and (directory / TRAIN_STATE).is_file():
-        try:
-            train_state = torch.load(directory / TRAIN_STATE, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"training state {directory / TRAIN_STATE} cannot be loaded: {e}") from None
     return Checkpoint(model=model, args=args, meta=meta, config=config, metrics=metrics, vocab=vocab,
-                      path=directory, train_state=train_state)
+                      path=directory)
 
 
 def check_matches_data(ckpt: Checkpoint, data: PreparedData) -> None:
@@ -228,3 +202,44 @@ def check_matches_data(ckpt: Checkpoint, data: PreparedData) -> None:
             f"but the data has {data.n_users} x {data.n_items}: train it on this data first")
     if not (np.array_equal(ckpt.vocab.item_ids, data.item_ids) and np.array_equal(ckpt.vocab.user_ids, data.user_ids)):
         raise CheckpointError(f"checkpoint {teacher_dir} uses different user/item ids than the data in {data.path}")
+
+
+def is_complete(directory: str | Path) -> bool:
+    """Whether ``directory`` holds every required file of an exported checkpoint (no file is read)."""
+    return all((Path(directory) / name).is_file() for name in REQUIRED)
+
+
+def stage_key(directory: str | Path) -> str | None:
+    """The ``stage_key`` lineage entry of an exported checkpoint (what the run stage that wrote it depended on), or
+    None when there is no readable checkpoint there."""
+    try:
+        return json.loads((Path(directory) / META).read_text())["lineage"].get("stage_key")
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+
+
+def write_epoch_state(directory: Path, model: RecModel, train_state: dict[str, Any]) -> None:
+    """Writes a training epoch's checkpoint into ``directory``: the weights, the model arguments and the training
+    state (tensors, numbers and strings only, so it loads with ``weights_only=True``)."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    torch.save(model.state_dict(), directory / WEIGHTS)
+    _write_json(directory / MODEL, {"args": model_args(model)})
+    torch.save(train_state, directory / TRAIN_STATE)
+
+
+def read_epoch_state(directory: Path, map_location: str | torch.device = "cpu"
+                     ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """The model arguments, weights and training state of an epoch checkpoint written by :func:`write_epoch_state`."""
+    args = _read_json(directory / MODEL)["args"]
+    weights = torch.load(directory / WEIGHTS, map_location=map_location, weights_only=True)
+    state = torch.load(directory / TRAIN_STATE, map_location="cpu", weights_only=True)
+    return args, weights, state
+
+
+def read_epoch_model(directory: Path) -> RecModel:
+    """The model of an epoch checkpoint, rebuilt on the CPU."""
+    args, weights, _ = read_epoch_state(directory)
+    model = build_model(**args)
+    model.load_state_dict(weights)
+    return model
+

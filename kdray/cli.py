@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from kdray.errors import KdrayError
+from kdray.layout import RunLayout
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,7 +117,13 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 0
 
     teachers = [_require_dir(t, "teacher checkpoint") for t in getattr(args, "teacher", None) or []]
-    from kdray.pipeline import prepare_data, run_pipeline, train_stage, train_teachers, write_resolved_config
+    from kdray.pipeline import (
+        prepare_data,
+        run_pipeline,
+        train_stage,
+        train_teachers,
+        write_resolved_config,
+    )
 
     init_ray(args.address)
     if args.command == "run":
@@ -127,7 +134,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             print(f"teacher checkpoint: {path}")
     elif args.command == "distill":
         write_resolved_config(cfg)
-        out = Path(args.out) if args.out else cfg.run_dir / "student"
+        out = Path(args.out) if args.out else RunLayout(cfg.run_dir).student
         print(f"student checkpoint: {train_stage(cfg, 'student', prepare_data(cfg), out, teachers)}")
     elif args.command == "tune":
         from kdray.tune.search import run_search

@@ -18,7 +18,6 @@ interrupted, so running the same command again after a crash continues instead o
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,26 +25,25 @@ from typing import Any
 
 import yaml
 
-from kdray.checkpoint import META, load_checkpoint
+from kdray.checkpoint import load_checkpoint, stage_key
 from kdray.config import Config, fingerprint, replace, to_dict
 from kdray.data.prepare import PreparedData, prepare
+from kdray.distill import without_distillation
 from kdray.evaluate import evaluate_checkpoint
+from kdray.layout import RunLayout, atomic_write_text
 from kdray.train.driver import train_model
 
 TABLE_METRICS = ("recall@10", "ndcg@10", "hr@10", "mrr@10")
 
 
 def write_resolved_config(cfg: Config) -> Path:
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    path = cfg.run_dir / "config.yaml"
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    path = RunLayout(cfg.run_dir).config
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return path
 
 
 def prepare_data(cfg: Config) -> PreparedData:
-    return prepare(cfg.data, cfg.run_dir / "data")
+    return prepare(cfg.data, RunLayout(cfg.run_dir).data)
 
 
 def _stage_key(cfg: Config, role: str, teachers: list[Path]) -> str:
@@ -53,17 +51,10 @@ def _stage_key(cfg: Config, role: str, teachers: list[Path]) -> str:
     if role == "teacher":
         parts: Any = [to_dict(cfg.data), to_dict(cfg.teacher), to_dict(cfg.teacher_train)]
     else:
-        teacher_keys = [json.loads((t / META).read_text())["lineage"].get("stage_key") for t in teachers]
+        teacher_keys = [stage_key(t) for t in teachers]
         parts = [to_dict(cfg.data), to_dict(cfg.student), to_dict(cfg.student_train), to_dict(cfg.distill),
                  teacher_keys]
     return fingerprint({"role": role, "parts": parts, "eval": to_dict(cfg.eval)})
-
-
-def _reusable(out_dir: Path, key: str) -> bool:
-    try:
-        return json.loads((out_dir / META).read_text())["lineage"].get("stage_key") == key
-    except (OSError, ValueError, KeyError):
-        return False
 
 
 def train_stage(cfg: Config, role: str, data: PreparedData, out_dir: Path,
@@ -71,7 +62,7 @@ def train_stage(cfg: Config, role: str, data: PreparedData, out_dir: Path,
     """Trains (or reuses) one model and returns its exported checkpoint directory."""
     teachers = teachers or []
     key = _stage_key(cfg, role, teachers)
-    if _reusable(out_dir, key):
+    if stage_key(out_dir) == key:
         log(f"[{out_dir.name}] reusing {out_dir} (same settings)")
         return out_dir
     log(f"[{out_dir.name}] training on Ray Train ({cfg.ray.num_workers} worker(s))")
@@ -85,15 +76,8 @@ def train_teachers(cfg: Config, data: PreparedData, log=print) -> list[Path]:
     out = []
     for i in range(n):
         sub = cfg if i == 0 else replace(cfg, **{"teacher_train.seed": cfg.teacher_train.seed + i})
-        out.append(train_stage(sub, "teacher", data, cfg.run_dir / ("teacher" if i == 0 else f"teacher-{i + 1}"),
-                               log=log))
+        out.append(train_stage(sub, "teacher", data, RunLayout(cfg.run_dir).teacher(i), log=log))
     return out
-
-
-def alone(cfg: Config) -> Config:
-    """The same student and training settings without distillation: the control every claim is measured against."""
-    return replace(cfg, **{"distill.loss": "none", "distill.alpha": 0.0, "distill.init_from_teacher": False,
-                           "distill.cached_topk": False})
 
 
 @dataclass(frozen=True)
@@ -105,13 +89,14 @@ class RunReport:
 
 def run_pipeline(cfg: Config, log=print) -> RunReport:
     t0 = time.perf_counter()
+    layout = RunLayout(cfg.run_dir)
     write_resolved_config(cfg)
     data = prepare_data(cfg)
     log(f"[data] {data.n_users} users, {data.n_items} items, {data.train.nnz} train / {data.valid.nnz} valid / "
         f"{data.test.nnz} test interactions in {data.path}")
     teachers = train_teachers(cfg, data, log)
-    student = train_stage(cfg, "student", data, cfg.run_dir / "student", teachers, log)
-    control = train_stage(alone(cfg), "student", data, cfg.run_dir / "student_alone", [], log)
+    student = train_stage(cfg, "student", data, layout.student, teachers, log)
+    control = train_stage(without_distillation(cfg), "student", data, layout.student_alone, [], log)
 
     rows = []
     for label, path in [*((p.name, p) for p in teachers), ("student (distilled)", student),
@@ -128,9 +113,9 @@ def run_pipeline(cfg: Config, log=print) -> RunReport:
     summary = {"name": cfg.name, "rows": rows, "seconds": seconds,
                "data": {"n_users": data.n_users, "n_items": data.n_items, "train": data.train.nnz,
                         "valid": data.valid.nnz, "test": data.test.nnz}}
-    (cfg.run_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(layout.metrics, json.dumps(summary, indent=2) + "\n")
     table = format_table(rows)
-    (cfg.run_dir / "report.md").write_text(_report(cfg, data, table, seconds))
+    atomic_write_text(layout.report, _report(cfg, data, table, seconds))
     log("\n" + table)
     log(f"\nrun directory: {cfg.run_dir}  ({seconds:.0f} s)")
     return RunReport(rows=rows, path=cfg.run_dir, seconds=seconds)

@@ -12,13 +12,27 @@ from typing import Any, Sequence
 
 import torch
 
-from kdray.checkpoint import MODEL, TRAIN_STATE, WEIGHTS, Vocab, check_matches_data, load_checkpoint, save_checkpoint
+from kdray.checkpoint import (
+    Vocab,
+    check_matches_data,
+    load_checkpoint,
+    read_epoch_model,
+    read_epoch_state,
+    save_checkpoint,
+)
 from kdray.config import Config, to_dict
 from kdray.data.prepare import TRAIN_BY_USER, PreparedData
 from kdray.distill.teacher import TeacherTopK, model_state, pca_init_state
 from kdray.errors import KdrayError
-from kdray.models import build_model, count_parameters
-from kdray.train.loop import FAILURE_KEY, NonFiniteLossError, payload_for, threads, train_worker
+from kdray.layout import RunLayout
+from kdray.models import count_parameters, model_from_config
+from kdray.train.loop import (
+    FAILURE_KEY,
+    NonFiniteLossError,
+    payload_for,
+    threads,
+    train_worker,
+)
 from kdray.train.objective import Objective
 
 
@@ -39,13 +53,6 @@ def resolve_use_gpu(cfg: Config) -> bool:
     if cfg.device == "cuda" or cfg.ray.use_gpu:
         return True
     return ray.cluster_resources().get("GPU", 0) >= cfg.ray.num_workers
-
-
-def _role_model_args(cfg: Config, role: str, data: PreparedData) -> dict[str, Any]:
-    m = cfg.teacher if role == "teacher" else cfg.student
-    uf, itf = data.user_features, data.item_features
-    return dict(name=m.name, n_users=data.n_users, n_items=data.n_items, dim=m.dim, hidden=tuple(m.hidden),
-                dropout=m.dropout, user_features=uf, item_features=itf)
 
 
 def _user_error(error: BaseException) -> BaseException:
@@ -93,17 +100,17 @@ def train_model(cfg: Config, role: str, data: PreparedData, *, out_dir: Path, na
             batch_size=cfg.eval.batch_size, batch_format="pyarrow", concurrency=1,
             num_cpus=min(1.0, cfg.ray.cpus_per_worker))
         teacher_refs = []  # the student reads the cache with its shard and needs no live teacher
-    dataset = dataset.materialize()  # frees the CPUs Ray Data would hold while the workers run (RAY_NOTES.md)
+    dataset = dataset.materialize()  # frees the CPUs Ray Data would hold while the workers run (else 2 workers on 2 CPUs can deadlock)
 
     # The initial model is built here, seeded, and sent once through the object store: side-feature buffers and a
     # teacher-initialised start travel with it, and every worker starts from identical weights.
     torch.manual_seed((cfg.teacher_train if role == "teacher" else cfg.student_train).seed)
-    initial = build_model(**_role_model_args(cfg, role, data))
+    initial = model_from_config(cfg.teacher if role == "teacher" else cfg.student, data)
     if role == "student" and cfg.distill.init_from_teacher and teacher_ckpts:
         initial.load_state_dict(pca_init_state(initial, teacher_ckpts[0].model))
 
     use_gpu = resolve_use_gpu(cfg)
-    storage = storage_path or cfg.ray.storage_path or str((cfg.run_dir / "ray").resolve())
+    storage = storage_path or cfg.ray.storage_path or str(RunLayout(cfg.run_dir).ray.resolve())
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
@@ -134,11 +141,10 @@ def train_model(cfg: Config, role: str, data: PreparedData, *, out_dir: Path, na
         raise KdrayError(f"{role} training reported no checkpoint (see the worker logs under {storage}/{name})")
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][cfg.select_metric])
     with result.checkpoint.as_directory() as d:
-        last = torch.load(Path(d) / TRAIN_STATE, weights_only=True)
+        _, _, last = read_epoch_state(Path(d))
     history = json.loads(last["history"])
     with best_ckpt.as_directory() as d:
-        model = build_model(**json.loads((Path(d) / MODEL).read_text())["args"])
-        model.load_state_dict(torch.load(Path(d) / WEIGHTS, map_location="cpu", weights_only=True))
+        model = read_epoch_model(Path(d))
     val = {f"valid_{k}": v for k, v in best_metrics.items() if "@" in k}
     metrics = {**val, "best_epoch": int(best_metrics["epoch"]), "epochs_run": len(history),
                "resumed_after": list(last.get("resumed_after", [])), "train_seconds": seconds,

@@ -34,13 +34,13 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from kdray.checkpoint import MODEL, TRAIN_STATE, WEIGHTS
+from kdray.checkpoint import read_epoch_state, write_epoch_state
 from kdray.config import Config, from_dict
 from kdray.data.prepare import PreparedData
 from kdray.distill.teacher import frozen, rebuild
 from kdray.errors import KdrayError
 from kdray.metrics import full_ranking_evaluate
-from kdray.models import RecModel, model_args
+from kdray.models import RecModel
 from kdray.sparse import Csr
 from kdray.train.objective import Batch, Objective, batch_loss, sampling_log_q
 from kdray.train.shard import LocalShard, table_batch
@@ -193,8 +193,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             if (Path(d) / FAILURE_FILE).exists():  # the run already failed deterministically: say so again
                 _report_failure(json.loads((Path(d) / FAILURE_FILE).read_text())["failure"], metric, rank)
                 return
-            core.load_state_dict(torch.load(Path(d) / WEIGHTS, map_location=device, weights_only=True))
-            state = torch.load(Path(d) / TRAIN_STATE, map_location="cpu", weights_only=True)
+            _, weights, state = read_epoch_state(Path(d), map_location=device)
+            core.load_state_dict(weights)
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best, bad_epochs = state["epoch"], state["best"], state["bad_epochs"]
         history = json.loads(state["history"])
@@ -252,11 +252,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
-                torch.save(core.state_dict(), Path(tmp) / WEIGHTS)
-                (Path(tmp) / MODEL).write_text(json.dumps({"args": model_args(core)}))
-                torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch + 1, "best": best,
-                            "bad_epochs": bad_epochs, "history": json.dumps(history), "resumed_after": resumed_after},
-                           Path(tmp) / TRAIN_STATE)
+                write_epoch_state(Path(tmp), core, {
+                    "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "best": best, "bad_epochs": bad_epochs,
+                    "history": json.dumps(history), "resumed_after": resumed_after})
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             report = {k: v for k, v in record.items() if isinstance(v, (int, float))}
             ray.train.report({**report, "should_checkpoint": True}, checkpoint=checkpoint)

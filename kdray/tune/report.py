@@ -6,8 +6,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+from kdray.checkpoint import is_complete
 from kdray.config import Config
-from kdray.tune.space import ARMS, CONTROL, plain_value, trial_config
+from kdray.distill import CONTROL
+from kdray.layout import RunLayout
+from kdray.tune.space import ARMS, plain_value, trial_config
 
 STOPPED = ".stopped"  # RUN/tune/trials/ARM/TRIAL.stopped: the trial ended because ASHA stopped it
 
@@ -19,7 +22,7 @@ def trial_status(result: Any, export_root: Path) -> str:
     trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
     if result.error is not None:
         return "error"
-    if (export_root / trial_id / "model.pt").is_file():
+    if is_complete(export_root / trial_id):
         return "completed"
     if (export_root / f"{trial_id}{STOPPED}").is_file():
         return "stopped early"
@@ -29,13 +32,12 @@ def trial_status(result: Any, export_root: Path) -> str:
 def _architecture_stats(cfg: Config, data: Any, cache: dict) -> tuple[int, float]:
     """Parameters and scoring latency (ms per 1000 users, whole catalog) of a trial's student architecture."""
     from kdray.evaluate import scoring_latency_ms
-    from kdray.models import build_model, count_parameters
+    from kdray.models import count_parameters, model_from_config
 
     m = cfg.student
     key = (m.name, m.dim, tuple(m.hidden))
     if key not in cache:
-        student = build_model(m.name, n_users=data.n_users, n_items=data.n_items, dim=m.dim, hidden=m.hidden,
-                              user_features=data.user_features, item_features=data.item_features)
+        student = model_from_config(m, data)
         cache[key] = (count_parameters(student), scoring_latency_ms(student))
     return cache[key]
 
@@ -47,7 +49,7 @@ def leaderboard_rows(grid: Any, arm: str, cfg: Config, data: Any, teacher_n: int
     from kdray.train.loop import FAILURE_KEY
 
     metric = cfg.select_metric
-    export_root = cfg.run_dir.expanduser().resolve() / "tune" / "trials" / arm
+    export_root = RunLayout(cfg.run_dir.expanduser().resolve()).tune_trials(arm)
     rows = []
     for result in grid:
         params = {k: plain_value(v) for k, v in (result.config or {}).items()}

@@ -48,13 +48,14 @@ from ray import tune
 
 from kdray.config import Config, replace, to_dict
 from kdray.errors import ConfigError, KdrayError
-from kdray.tune.asha import GracefulASHA, StopWhenAsked, TrialStopped, Decisions
+from kdray.layout import RunLayout, atomic_replace_dir
+from kdray.tune.asha import Decisions, GracefulASHA, StopWhenAsked, TrialStopped
 from kdray.tune.report import (
     STOPPED,
-    report_markdown,
-    leaderboard_rows,
     choose_winner,
+    leaderboard_rows,
     pareto_plot,
+    report_markdown,
     trial_status,
     write_leaderboard,
 )
@@ -72,7 +73,7 @@ from kdray.tune.space import (
     validate_space,
 )
 
-TRIAL_RESOURCES = {"CPU": 0, "memory": 100 * 2**20}  # the trial function only waits on its trainer (RAY_NOTES.md)
+TRIAL_RESOURCES = {"CPU": 0, "memory": 100 * 2**20}  # the trial function only waits on its trainer: a 1-CPU default would starve it of workers on 2 CPUs
 
 
 def check_resources(cfg: Config) -> None:
@@ -175,7 +176,7 @@ def _abs(path: str | Path) -> str:
 
 def _storage(cfg: Config) -> str:
     """Tune's storage: tune.storage_path (a local or shared directory, or a URI such as s3://) or RUN/tune/ray."""
-    path = cfg.tune.storage_path or str(cfg.run_dir / "tune" / "ray")
+    path = cfg.tune.storage_path or str(RunLayout(cfg.run_dir).tune_ray)
     return path.rstrip("/") if "://" in path else _abs(path)
 
 
@@ -197,7 +198,7 @@ def run_arm(cfg: Config, arm: str, space: dict[str, dict[str, Any]], data_dir: P
     trainable = tune.with_resources(
         tune.with_parameters(_trial, base=to_dict(base), arm=arm, data_dir=_abs(data_dir),
                              teachers=[_abs(t) for t in teachers],
-                             export_dir=str(base.run_dir / "tune" / "trials" / arm),
+                             export_dir=str(RunLayout(base.run_dir).tune_trials(arm)),
                              storage=f"{storage}/{name}-trials", decisions=decisions_name),
         TRIAL_RESOURCES)
     decisions = Decisions.options(name=decisions_name, get_if_exists=True).remote()
@@ -231,7 +232,7 @@ def run_arm(cfg: Config, arm: str, space: dict[str, dict[str, Any]], data_dir: P
         ray.kill(decisions)
     # Ctrl+C makes Tune save its state and return early, possibly before it created every trial.
     expected = arm_trials(cfg, space, arm)
-    export_root = base.run_dir / "tune" / "trials" / arm
+    export_root = RunLayout(base.run_dir).tune_trials(arm)
     finished = sum(trial_status(r, export_root) != "unfinished" for r in grid)
     if finished < expected:
         raise SearchInterrupted(f"the {arm} search stopped after {finished} of its {expected} trials; continue it "
@@ -241,17 +242,12 @@ def run_arm(cfg: Config, arm: str, space: dict[str, dict[str, Any]], data_dir: P
 
 def _export_winner(winner: dict[str, Any], best_dir: Path) -> None:
     """Copies the winner's exported checkpoint to ``best_dir`` (via a temporary sibling, then a rename)."""
-    tmp = best_dir.with_name(f".{best_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(winner["checkpoint"], tmp)
-    if best_dir.exists():
-        shutil.rmtree(best_dir)
-    tmp.rename(best_dir)
+    atomic_replace_dir(best_dir, lambda tmp: shutil.copytree(winner["checkpoint"], tmp, dirs_exist_ok=True))
 
 
 def _check_search_state(cfg: Config, space: dict[str, dict[str, Any]], resume: bool) -> Path:
     """A fresh search refuses to write over an existing one; a resumed one must be the same search."""
-    record = cfg.run_dir / "tune" / "search.json"
+    record = RunLayout(cfg.run_dir).search_record
     key = search_key(cfg, space)
     existing = [experiment_name(cfg, a) for a in ARMS if tune.Tuner.can_restore(f"{_storage(cfg)}/"
                                                                                  f"{experiment_name(cfg, a)}")]
@@ -308,7 +304,7 @@ def run_search(cfg: Config, resume: bool = False, log: Callable[[str], None] = p
         grid = run_arm(cfg, arm, space, data.path, teachers, resume, log)
         rows += leaderboard_rows(grid, arm, cfg, data, teacher["n_params"], cache,
                       [k for k in space if k.startswith(DISTILL_PREFIX)])
-    out = cfg.run_dir / "tune"
+    out = RunLayout(cfg.run_dir).tune
 
     ratio = cfg.tune.max_params_ratio
     best = {arm: choose_winner([r for r in rows if r["arm"] == arm], metric, ratio) for arm in ARMS}
@@ -317,7 +313,7 @@ def run_search(cfg: Config, resume: bool = False, log: Callable[[str], None] = p
         write_leaderboard(rows, out, metric)
         raise KdrayError(f"no trial completed within tune.max_params_ratio={ratio} of the teacher's "
                          f"{teacher['n_params']:,} parameters; see {out / 'leaderboard.md'}")
-    best_dir = cfg.run_dir / "best"
+    best_dir = RunLayout(cfg.run_dir).best
     _export_winner(winner, best_dir)
     tests = {}  # the test split, once per arm's best (the winner is one of them)
     for arm, row in best.items():
