@@ -33,12 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kdray.cli import init_ray  # noqa: E402
 from kdray.config import load_config  # noqa: E402
-from kdray.models import build_model  # noqa: E402
-from kdray.train.objective import Objective, sampling_log_q  # noqa: E402
-from kdray.pipeline import prepare_data  # noqa: E402
 from kdray.data.prepare import TRAIN_BY_USER  # noqa: E402
+from kdray.models import model_from_config  # noqa: E402
+from kdray.pipeline import prepare_data  # noqa: E402
 from kdray.train.driver import train_model  # noqa: E402
 from kdray.train.loop import run_epoch  # noqa: E402
+from kdray.train.objective import Objective, sampling_log_q  # noqa: E402
 from kdray.train.shard import LocalShard  # noqa: E402
 
 
@@ -47,8 +47,7 @@ def plain_epochs(cfg, data, role: str, epochs: int, teachers=()) -> list[float]:
     tcfg = cfg.teacher_train if role == "teacher" else cfg.student_train
     m = cfg.teacher if role == "teacher" else cfg.student
     torch.manual_seed(tcfg.seed)
-    model = build_model(m.name, n_users=data.n_users, n_items=data.n_items, dim=m.dim, hidden=m.hidden,
-                        user_features=data.user_features, item_features=data.item_features)
+    model = model_from_config(m, data)
     opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     shard = LocalShard.from_tables([pq.read_table(data.path / TRAIN_BY_USER)])
     obj = Objective.from_config(cfg, role, data.n_items)

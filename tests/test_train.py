@@ -13,7 +13,8 @@ from kdray.checkpoint import load_checkpoint
 from kdray.cli import main
 from kdray.config import load_config
 from kdray.evaluate import evaluate_checkpoint
-from kdray.pipeline import alone, prepare_data
+from kdray.distill import without_distillation
+from kdray.pipeline import prepare_data
 from kdray.train.driver import train_model
 
 pytestmark = pytest.mark.ray
@@ -83,7 +84,7 @@ def test_student_distils_without_touching_the_teacher(trained, extra):
 
 def test_student_alone_has_no_distillation_term(trained):
     cfg, data, _ = trained
-    control = alone(cfg)
+    control = without_distillation(cfg)
     outcome = train_model(control, "student", data, out_dir=cfg.run_dir / "alone", name="alone-test")
     assert all("distill" not in h for h in outcome.history)
     assert load_checkpoint(outcome.checkpoint).meta["lineage"]["teachers"] == []

@@ -34,6 +34,7 @@ __all__ = [
     "build_model",
     "count_parameters",
     "embedding_tables",
+    "model_from_config",
     "model_args",
 ]
 
@@ -93,6 +94,13 @@ def build_model(name: str, *, n_users: int, n_items: int, dim: int, hidden: Sequ
         user_features=_side_features(user_features, user_feature_dim, n_users, "user") if uses_features else None,
         item_features=_side_features(item_features, item_feature_dim, n_items, "item") if uses_features else None,
     )
+
+
+def model_from_config(m: Any, data: Any) -> RecModel:
+    """The model a ``ModelConfig`` (``cfg.teacher`` / ``cfg.student``) describes, sized to ``data`` (a
+    ``PreparedData``: its user and item counts and side features). The one place a config becomes a model."""
+    return build_model(m.name, n_users=data.n_users, n_items=data.n_items, dim=m.dim, hidden=tuple(m.hidden),
+                       dropout=m.dropout, user_features=data.user_features, item_features=data.item_features)
 
 
 def _unwrap(model: nn.Module) -> RecModel:

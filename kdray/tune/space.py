@@ -10,6 +10,7 @@ from typing import Any
 from ray import tune
 
 from kdray.config import Config, fingerprint, replace, to_dict
+from kdray.distill import CONTROL
 from kdray.errors import ConfigError
 
 ARMS = ("distilled", "alone")
@@ -43,7 +44,6 @@ DEFAULT_TOWERS: dict[str, Any] = {"student.hidden": {"choice": [[32], [64, 32], 
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
 
 
-CONTROL = {"distill.loss": "none", "distill.alpha": 0.0, "distill.init_from_teacher": False}  # the student alone
 
 
 ARCH_KEYS = ("student.name", "student.dim", "student.hidden")  # what a student's size depends on
@@ -186,7 +186,7 @@ def trial_config(base: Config, params: dict[str, Any], arm: str) -> Config:
     """The config one trial trains with: the base config, the sampled settings, and for the control no teacher."""
     overrides = {k: plain_value(v) for k, v in params.items()}
     if arm == "alone":
-        overrides.update({**CONTROL, "distill.cached_topk": False})
+        overrides.update(CONTROL)
     return replace(base, **overrides)
 
 
@@ -206,11 +206,9 @@ def search_key(cfg: Config, space: dict[str, dict[str, Any]]) -> str:
 
 def model_params(m: Any, data: Any) -> int:
     """Trainable parameters of the model a ``ModelConfig`` describes, on this data (side features included)."""
-    from kdray.models import build_model, count_parameters
+    from kdray.models import count_parameters, model_from_config
 
-    return count_parameters(build_model(m.name, n_users=data.n_users, n_items=data.n_items, dim=m.dim,
-                                        hidden=m.hidden, user_features=data.user_features,
-                                        item_features=data.item_features))
+    return count_parameters(model_from_config(m, data))
 
 
 def check_budget(cfg: Config, space: dict[str, dict[str, Any]], data: Any) -> None:
