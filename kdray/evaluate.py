@@ -1,7 +1,7 @@
 """Final evaluation of a trained model: full-catalog ranking on the test split, size and scoring latency.
 
 The test split is used only here, once per model, for the report; model selection uses the validation split
-(kdray.train). At test time both the training and the validation items of a user are masked (DESIGN.md).
+(kdray.train). At test time both the training and the validation items of a user are masked.
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from kdray.checkpoint import load_checkpoint, update_metrics
+from kdray.checkpoint import check_matches_data, load_checkpoint, update_metrics
 from kdray.data.prepare import PreparedData
 from kdray.metrics import full_ranking_evaluate
 from kdray.models import RecModel, count_parameters
-from kdray.checkpoint import check_matches_data
 
 
 def evaluate_model(model: RecModel, data: PreparedData, split: str = "test", ks: Sequence[int] = (10, 20),

@@ -1,6 +1,6 @@
 """Evaluation metrics: full-catalog top-K ranking metrics and pointwise classification metrics.
 
-Ranking follows RecBole and LightGCN, so numbers compare with their published tables (DESIGN.md): every item of
+Ranking follows RecBole and LightGCN, so numbers compare with their published tables: every item of
 the catalog is ranked (no sampled negatives: Krichene & Rendle, KDD 2020), a user's training items (and validation
 items, at test time) are excluded, and users without truth items are skipped. With ``R_k`` the top-k list, ``T`` the
 user's truth set and ``rel_r = 1`` when the item at rank r is in ``T``:

@@ -6,7 +6,7 @@ values and an independent reference.
 Conventions shared by the distillation losses:
 
 - ``student_logits`` and ``teacher_logits`` are ``[B, C]``: for each of B users, C candidate items scored by both
-  models (the whole catalog, or a sampled candidate set; DESIGN.md "same candidates").
+  models (the whole catalog, or a sampled candidate set): teacher and student always see the same candidates.
 - ``mask [B, C]`` bool, True = leave the entry out of BOTH distributions (typically the user's training positives,
   which the hard loss already covers; the recommender-KD literature distils the ranking of unobserved items).
 - A row whose entries are all masked contributes nothing: it is left out of the mean over rows, and a batch with no
@@ -83,7 +83,7 @@ def softmax_ce(logits: Tensor, targets: Tensor) -> Tensor:
 
     ``L = -(1 / P) * sum_{(b, c): y_bc = 1} log softmax(z_b)_c`` with ``P`` the number of positives: exactly the mean
     of one softmax cross-entropy per (user, item) pair over the same candidates, computed with one ``log_softmax`` per
-    user (DESIGN.md, "batch by users"). Non-binary ``targets`` act as per-entry weights. A batch with no positive
+    user (batches are batches of users). Non-binary ``targets`` act as per-entry weights. A batch with no positive
     gives 0.
 
     Shape:

@@ -1,7 +1,8 @@
 """The per-batch training objective shared by teacher, student and Tune trials.
 
-Batches are batches of *users* (DESIGN.md: scoring the catalog once per user batch and applying the loss to all of
-each user's training positives is the per-pair objective at a fraction of the cost). For each batch:
+Batches are batches of *users*: scoring the catalog once per user batch and applying the loss to all of each
+user's training positives is the per-pair objective at a fraction of the cost (an MF-256 epoch over 670k
+interactions took 0.86 s batched by users against 51 s batched by pairs, in plain PyTorch on 2 cores). For each batch:
 
 1. candidates: the whole catalog (``[B, n_items]`` logits from ``score_all``), or, for ``sampled_softmax``, the
    batch's positives plus ``n_negatives`` items drawn by popularity, shared by the batch (``[B, C]`` from ``score``);
@@ -23,8 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdray.distill import losses
 from kdray.config import Config
+from kdray.distill import losses
 from kdray.models import RecModel, embedding_tables
 
 BCE_NEGATIVES_PER_POSITIVE = 4  # NeuMF's ratio (He et al. 2017)

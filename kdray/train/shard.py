@@ -11,7 +11,6 @@ import pyarrow as pa
 from kdray.train.objective import Batch, batch_from_lists
 
 
-
 @dataclass
 class LocalShard:
     users: np.ndarray  # [U] dense user ids of this shard's rows
