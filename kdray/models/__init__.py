@@ -2,6 +2,7 @@
 
 from kdray.models.base import (  # noqa: F401
     MODELS,
+    LightGCN,
     MF,
     NeuMF,
     RecModel,

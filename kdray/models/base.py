@@ -16,6 +16,7 @@ Models (``MODELS``):
 - ``two_tower``: an MLP tower per side over ``[id embedding ; side features]``, scored by the dot product of the
   tower outputs (Covington et al. RecSys 2016; Yi et al. RecSys 2019). Side features are registered buffers, so they
   travel in the state dict and a checkpoint rebuilds the model alone.
+- ``lightgcn``: id embeddings propagated over the training graph (He et al., SIGIR 2020); kdray/models/lightgcn.py.
 
 ``model_args(model)`` returns the JSON-able keyword arguments of ``build_model`` that rebuild the architecture; the
 weights (and side features) then come back through ``load_state_dict``.
@@ -30,11 +31,13 @@ import torch
 from torch import Tensor, nn
 
 from kdray.errors import ConfigError, DataError
+from kdray.sparse import Csr
 
 EMBEDDING_STD = 0.1  # N(0, 0.1^2) id embeddings: MF-256 logits start with std ~0.16, small enough for any softmax
 
 __all__ = [
     "MODELS",
+    "LightGCN",
     "MF",
     "NeuMF",
     "RecModel",
@@ -95,6 +98,10 @@ class RecModel(nn.Module):
     def embedding_tables(self) -> tuple[nn.Embedding, nn.Embedding]:
         """The (user, item) id embeddings whose dot product carries the collaborative signal."""
         raise NotImplementedError
+
+    def extra_args(self) -> dict[str, Any]:
+        """``build_model`` keyword arguments of this model beyond the shared ones (``model_args`` adds them)."""
+        return {}
 
     def forward(self, users: Tensor, items: Tensor | None = None) -> Tensor:
         """``score_all(users)`` without ``items``, else ``score(users, items)``; lets DDP wrap any model."""
@@ -310,7 +317,9 @@ class TwoTower(RecModel):
         return self.user_emb, self.item_emb
 
 
-MODELS: dict[str, type[RecModel]] = {"mf": MF, "neumf": NeuMF, "two_tower": TwoTower}
+from kdray.models.lightgcn import DEFAULT_LAYERS, LightGCN  # noqa: E402  (subclasses RecModel, defined above)
+
+MODELS: dict[str, type[RecModel]] = {"mf": MF, "neumf": NeuMF, "two_tower": TwoTower, "lightgcn": LightGCN}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -344,12 +353,16 @@ def _side_features(array: np.ndarray | Tensor | None, declared_dim: int, n_rows:
 def build_model(name: str, *, n_users: int, n_items: int, dim: int, hidden: Sequence[int] = (),
                 dropout: float = 0.0, user_features: np.ndarray | Tensor | None = None,
                 item_features: np.ndarray | Tensor | None = None, user_feature_dim: int = 0,
-                item_feature_dim: int = 0) -> RecModel:
+                item_feature_dim: int = 0, graph: Csr | tuple[np.ndarray, np.ndarray] | None = None,
+                n_layers: int = DEFAULT_LAYERS, n_edges: int = 0) -> RecModel:
     """Builds a registered model, initialised from the current torch seed.
 
     ``user_features [n_users, Fu]`` / ``item_features [n_items, Fi]`` are used by ``two_tower`` only (ignored, and not
     stored, by the others). When the arrays are absent but ``*_feature_dim`` is set (a model rebuilt from
     ``model_args``), zero buffers of that width are allocated for ``load_state_dict`` to fill.
+
+    ``graph`` (the training split as a Csr or ``(users, items)`` arrays), ``n_layers`` and ``n_edges`` are used by
+    ``lightgcn`` only, the same way: its edges are a buffer, ``n_edges`` zero edges when no graph is given.
     """
     if name not in MODELS:
         raise ConfigError(f"model name {name!r} is not one of {sorted(MODELS)}")
@@ -360,10 +373,12 @@ def build_model(name: str, *, n_users: int, n_items: int, dim: int, hidden: Sequ
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
     uses_features = name == "two_tower"
+    graph_args = dict(graph=graph, n_layers=n_layers, n_edges=n_edges) if name == "lightgcn" else {}
     return MODELS[name].build(
         n_users=n_users, n_items=n_items, dim=dim, hidden=hidden, dropout=float(dropout),
         user_features=_side_features(user_features, user_feature_dim, n_users, "user") if uses_features else None,
         item_features=_side_features(item_features, item_feature_dim, n_items, "item") if uses_features else None,
+        **graph_args,
     )
 
 
@@ -379,7 +394,8 @@ def model_args(model: nn.Module) -> dict[str, Any]:
     """JSON-able keyword arguments such that ``build_model(**model_args(m))`` rebuilds ``m``'s architecture."""
     m = _unwrap(model)
     return {"name": m.name, "n_users": m.n_users, "n_items": m.n_items, "dim": m.dim, "hidden": list(m.hidden),
-            "dropout": m.dropout, "user_feature_dim": m.user_feature_dim, "item_feature_dim": m.item_feature_dim}
+            "dropout": m.dropout, "user_feature_dim": m.user_feature_dim, "item_feature_dim": m.item_feature_dim,
+            **m.extra_args()}
 
 
 def count_parameters(model: nn.Module) -> int:
