@@ -52,7 +52,7 @@ def _dense_reference(model: LightGCN, csr: Csr) -> tuple[np.ndarray, np.ndarray]
     deg = a.sum(1)
     d = np.where(deg > 0, 1 / np.sqrt(np.where(deg > 0, deg, 1)), 0.0)
     norm = d[:, None] * a * d[None, :]
-    e = np.concatenate([model.user_emb.weight.detach().double().numpy(), model.item_emb.weight.detach().double().numpy()])
+    e = torch.cat([model.user_emb.weight, model.item_emb.weight]).detach().double().numpy()
     layers = [e]
     for _ in range(model.n_layers):
         layers.append(norm @ layers[-1])

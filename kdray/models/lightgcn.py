@@ -131,8 +131,8 @@ class LightGCN(RecModel):
         return tuple((t.device, t.data_ptr(), t._version) for t in tensors)
 
     def adjacency(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """``Â`` on the edges' device, built once per device, dtype and set of edges. Built outside inference mode even when
-        first needed under it (evaluation), since training later saves it for the backward pass."""
+        """``Â`` on the edges' device, built once per device, dtype and set of edges. Built outside inference mode
+        even when first needed under it (evaluation), since training later saves it for the backward pass."""
         key = (dtype, *self._key(self.graph_edges))
         if self._adjacency is None or self._adjacency[0] != key:
             with torch.inference_mode(False), torch.no_grad():
