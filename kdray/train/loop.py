@@ -445,7 +445,7 @@ def _role_model_args(cfg: Config, role: str, data: PreparedData) -> dict[str, An
     m = cfg.teacher if role == "teacher" else cfg.student
     uf, itf = data.user_features, data.item_features
     return dict(name=m.name, n_users=data.n_users, n_items=data.n_items, dim=m.dim, hidden=tuple(m.hidden),
-                dropout=m.dropout, user_features=uf, item_features=itf)
+                dropout=m.dropout, user_features=uf, item_features=itf, graph=data.train)  # graph: lightgcn only
 
 
 def check_matches_data(ckpt: Checkpoint, data: PreparedData) -> None:
@@ -506,8 +506,9 @@ def train_model(cfg: Config, role: str, data: PreparedData, *, out_dir: Path, na
         teacher_refs = []  # the student reads the cache with its shard and needs no live teacher
     dataset = dataset.materialize()  # frees the CPUs Ray Data would hold while the workers run (RAY_NOTES.md)
 
-    # The initial model is built here, seeded, and sent once through the object store: side-feature buffers and a
-    # teacher-initialised start travel with it, and every worker starts from identical weights.
+    # The initial model is built here, seeded, and sent once through the object store: side-feature buffers, a
+    # LightGCN's training graph and a teacher-initialised start travel with it, and every worker starts from
+    # identical weights.
     torch.manual_seed((cfg.teacher_train if role == "teacher" else cfg.student_train).seed)
     initial = build_model(**_role_model_args(cfg, role, data))
     if role == "student" and cfg.distill.init_from_teacher and teacher_ckpts:
