@@ -29,8 +29,8 @@ from kdray.errors import ConfigError
 
 DataSource = Literal["synthetic", "ml-100k", "ml-1m", "ml-10m", "ml-20m", "ml-25m", "lightgcn", "csv", "parquet"]
 SplitKind = Literal["random", "loo", "given"]
-ModelName = Literal["mf", "neumf", "two_tower"]
-DistillKind = Literal["none", "kl", "mse", "rd", "soft_bce"]
+ModelName = Literal["mf", "neumf", "two_tower", "lightgcn"]
+DistillKind = Literal["none", "kl", "mse", "rd", "soft_bce", "rrd", "listwise"]
 HardLoss = Literal["softmax", "sampled_softmax", "bpr", "bce"]
 Device = Literal["auto", "cpu", "cuda"]
 Metric = Literal["ndcg", "recall", "hr", "mrr", "precision"]
@@ -364,7 +364,7 @@ def validate(cfg: Config) -> Config:
     _check(not dist.cached_topk or dist.loss == "rd",
            f"distill.cached_topk: only ranking distillation (distill.loss='rd') reads cached top-K, not {dist.loss!r}")
     if dist.init_from_teacher:
-        _check(cfg.student.name in ("mf", "two_tower") and cfg.teacher.name in ("mf", "two_tower", "neumf"),
+        _check(cfg.student.name in ("mf", "two_tower") and cfg.teacher.name in ("mf", "two_tower", "neumf", "lightgcn"),
                "distill.init_from_teacher: needs id embeddings in both models")
 
     for section in ("teacher_train", "student_train"):

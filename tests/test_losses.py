@@ -17,8 +17,10 @@ from kdray.distill.losses import (
     distill_loss,
     ensemble_teacher_logits,
     kl_distill,
+    listwise_distill,
     mse_distill,
     ranking_distill,
+    relaxed_ranking_distill,
     sampled_softmax_ce,
     soft_bce_distill,
     softmax_ce,
@@ -238,6 +240,142 @@ def test_rd_ties_in_the_teacher_are_well_defined():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Relaxed ranking distillation (DE-RRD)
+
+
+def _rrd_reference(s: torch.Tensor, t: torch.Tensor, k: int, mask: torch.Tensor | None) -> float:
+    """Brute force from the Plackett-Luce formula: explicit sums of exp, one row and one position at a time."""
+    per_row = []
+    for b in range(s.shape[0]):
+        allowed = [c for c in range(s.shape[1]) if mask is None or not mask[b, c]]
+        if not allowed:
+            continue
+        top = sorted(allowed, key=lambda c: -float(t[b, c]))[:k]
+        rest = sum(math.exp(float(s[b, c])) for c in allowed if c not in top)
+        row = 0.0
+        for r, c in enumerate(top):
+            below = sum(math.exp(float(s[b, j])) for j in top[r:]) + rest
+            row -= float(s[b, c]) - math.log(below)
+        per_row.append(row)
+    return sum(per_row) / len(per_row) if per_row else 0.0
+
+
+def test_rrd_hand_computed():
+    # teacher order 0 > 1 > 2 > 3, k = 2: interesting (0, 1), uninteresting {2, 3}
+    # exp(s) = [2, 1, 1, 3]: position 1: -log(2 / (2 + 1 + 1 + 3)) = ln(7/2); position 2: -log(1 / (1 + 1 + 3)) = ln5
+    # L = ln(7/2) + ln5 = ln(17.5) = 2.862201
+    s = torch.tensor([[math.log(2.0), 0.0, 0.0, LN3]])
+    t = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    assert math.log(17.5) == pytest.approx(2.862201, abs=1e-6)
+    assert relaxed_ranking_distill(s, t, 2).item() == pytest.approx(math.log(17.5), abs=1e-6)
+    # item 0 masked: interesting (1, 2), uninteresting {3}: ln((1 + 1 + 3) / 1) + ln((1 + 3) / 1) = ln20 = 2.995732
+    mask = torch.tensor([[True, False, False, False]])
+    assert relaxed_ranking_distill(s, t, 2, mask).item() == pytest.approx(math.log(20.0), abs=1e-6)
+
+
+def test_rrd_gradient_hand_computed():
+    # k = 1, all student logits 0, C = 3: L = -s_0 + log(e^s_0 + e^s_1 + e^s_2); dL/ds = softmax(s) - [1, 0, 0]
+    s = torch.zeros(1, 3, requires_grad=True)
+    relaxed_ranking_distill(s, torch.tensor([[3.0, 2.0, 1.0]]), 1).backward()
+    assert torch.allclose(s.grad, torch.tensor([[1 / 3 - 1, 1 / 3, 1 / 3]]))
+
+
+def test_rrd_matches_brute_force():
+    s, t = _random(6, 9)
+    mask = torch.rand(6, 9, generator=torch.Generator().manual_seed(5)) < 0.4
+    mask[2] = True  # an all-masked row is left out of the mean
+    mask[3, 1:] = True  # a row with fewer unmasked items than k
+    for k in (1, 3, 9, 20):  # k >= C: every unmasked candidate is interesting, the full teacher order
+        assert relaxed_ranking_distill(s, t, k, mask).item() == pytest.approx(_rrd_reference(s, t, k, mask),
+                                                                             rel=1e-5), k
+    assert relaxed_ranking_distill(s, t, 3).item() == pytest.approx(_rrd_reference(s, t, 3, None), rel=1e-5)
+
+
+def test_rrd_ignores_the_order_of_uninteresting_items():
+    s, t = _random(3, 8)
+    t_shuffled = t.clone()
+    order = t.argsort(dim=-1, descending=True)
+    tail = order[:, 3:]
+    t_shuffled.scatter_(1, tail, t.gather(1, tail).flip(-1))  # reverse the teacher's order below its top 3
+    assert relaxed_ranking_distill(s, t_shuffled, 3).item() == pytest.approx(
+        relaxed_ranking_distill(s, t, 3).item(), rel=1e-6)
+
+
+def test_rrd_samples_uninteresting_items_from_the_generator_only_among_eligible():
+    s = torch.tensor([[math.log(2.0), 0.0, 0.0, LN3, 50.0]])  # item 4: masked, with a logit that would dominate
+    t = torch.tensor([[4.0, 3.0, 2.0, 1.0, 9.0]])
+    mask = torch.tensor([[False, False, False, False, True]])
+    # k = 2, one uninteresting item of {2, 3}: {2} -> ln(4/2) + ln(2/1) = ln4; {3} -> ln(6/2) + ln(4/1) = ln12
+    seen = set()
+    for seed in range(20):
+        value = relaxed_ranking_distill(s, t, 2, mask, 1, torch.Generator().manual_seed(seed)).item()
+        seen.add(round(value, 5))
+        again = relaxed_ranking_distill(s, t, 2, mask, 1, torch.Generator().manual_seed(seed)).item()
+        assert again == value  # a pure function of its generator
+    assert seen == {round(math.log(4.0), 5), round(math.log(12.0), 5)}
+    # as many samples as eligible items (or more) is the exact loss
+    exact = relaxed_ranking_distill(s, t, 2, mask).item()
+    for n in (2, 10):
+        assert relaxed_ranking_distill(s, t, 2, mask, n, torch.Generator().manual_seed(0)).item() == pytest.approx(
+            exact, abs=1e-6)
+    got = distill_loss("rrd", s, [t], None, temperature=1.0, k=2, mask=mask, n_uninteresting=1,
+                       generator=torch.Generator().manual_seed(3))
+    assert got.item() == relaxed_ranking_distill(s, t, 2, mask, 1, torch.Generator().manual_seed(3)).item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Listwise distillation over the teacher's top-K
+
+
+def _listwise_reference(s: torch.Tensor, t: torch.Tensor, k: int, temperature: float,
+                        mask: torch.Tensor | None) -> float:
+    """Brute force: per row, pick the top-k by sorting, then torch's kl_div on those k entries."""
+    per_row = []
+    for b in range(s.shape[0]):
+        allowed = [c for c in range(s.shape[1]) if mask is None or not mask[b, c]]
+        if not allowed:
+            continue
+        top = sorted(allowed, key=lambda c: -float(t[b, c]))[:k]
+        log_q = torch.log_softmax(s[b, top] / temperature, -1)
+        log_p = torch.log_softmax(t[b, top] / temperature, -1)
+        per_row.append(F.kl_div(log_q, log_p, log_target=True, reduction="sum").item() * temperature**2)
+    return sum(per_row) / len(per_row) if per_row else 0.0
+
+
+def test_listwise_hand_computed_t1_and_t2():
+    # teacher [ln3, 0, 5 (masked), -10], k = 2 -> items 0, 1: p = [3/4, 1/4]; student 0 there -> q = [1/2, 1/2]
+    # KL = 3/4 ln(3/2) + 1/4 ln(1/2) = 0.130812; item 3 (outside the top 2) does not matter whatever the student says
+    kl = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    mask = torch.tensor([[False, False, True, False]])
+    s = torch.tensor([[0.0, 0.0, 7.0, 30.0]])
+    assert listwise_distill(s, torch.tensor([[LN3, 0.0, 5.0, -10.0]]), 2, 1.0, mask).item() == pytest.approx(kl,
+                                                                                                          abs=1e-6)
+    # T = 2: teacher [2 ln3, 0] gives the same p, scaled by T^2 = 4 -> 0.523248
+    t2 = torch.tensor([[2 * LN3, 0.0, 5.0, -10.0]])
+    assert listwise_distill(s, t2, 2, 2.0, mask).item() == pytest.approx(4 * kl, abs=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 3.0])
+def test_listwise_matches_brute_force(temperature):
+    s, t = _random(6, 9)
+    mask = torch.rand(6, 9, generator=torch.Generator().manual_seed(7)) < 0.4
+    mask[1] = True
+    mask[4, 2:] = True  # two unmasked candidates, fewer than k
+    for k in (1, 3, 20):
+        got = listwise_distill(s, t, k, temperature, mask).item()
+        assert got == pytest.approx(_listwise_reference(s, t, k, temperature, mask), rel=1e-5, abs=1e-7), k
+
+
+def test_listwise_with_k_at_least_c_is_kl_over_the_unmasked_candidates():
+    s, t = _random(4, 6)
+    mask = torch.zeros(4, 6, dtype=torch.bool)
+    mask[:, 0] = True
+    for k in (6, 50):
+        assert listwise_distill(s, t, k, 2.0, mask).item() == pytest.approx(kl_distill(s, t, 2.0, mask).item(),
+                                                                           rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Masks: all-masked rows give 0, never NaN, in the loss and in the gradient
 
 
@@ -255,7 +393,7 @@ def test_all_masked_rows_contribute_nothing(kind):
     # the all-masked row is left out of the mean: same loss as the batch without it
     keep = torch.tensor([0, 2, 3])
     alone = distill_loss(kind, s[keep], [t[keep]], None, temperature=2.0, k=3, mask=mask[keep])
-    if kind in ("kl", "rd"):  # means over rows
+    if kind in ("kl", "rd", "rrd", "listwise"):  # means over rows
         assert loss.item() == pytest.approx(alone.item(), rel=1e-5)
 
 
@@ -325,6 +463,8 @@ def test_distill_loss_dispatch_matches_the_functions():
         "mse": mse_distill(s, t, mask),
         "rd": ranking_distill(s, t, 3, mask),
         "soft_bce": soft_bce_distill(s, t, 2.0, mask),
+        "rrd": relaxed_ranking_distill(s, t, 3, mask),
+        "listwise": listwise_distill(s, t, 3, 2.0, mask),
     }
     assert set(direct) == set(DISTILL_LOSSES)
     for kind, value in direct.items():
@@ -373,6 +513,10 @@ def test_total_loss_rejects_alpha_outside_unit_interval(alpha):
         (lambda s, t: distill_loss("hinton", s, [t], None, temperature=1.0, k=2, mask=None), "kind"),
         (lambda s, t: distill_loss("kl", s, [], None, temperature=1.0, k=2, mask=None), "teachers"),
         (lambda s, t: distill_loss("rd", s, [t], None, temperature=1.0, k=-3, mask=None), "k"),
+        (lambda s, t: relaxed_ranking_distill(s, t, 0), "k"),
+        (lambda s, t: relaxed_ranking_distill(s, t, 2, n_uninteresting=0), "n_uninteresting"),
+        (lambda s, t: listwise_distill(s, t, 2, 0.0), "temperature"),
+        (lambda s, t: listwise_distill(s, t, True, 1.0), "k"),
         (lambda s, t: distill_loss("kl", s, [t, t], [1.0], temperature=1.0, k=2, mask=None), "weights"),
         (lambda s, t: distill_loss("kl", s, [t, t], [1.0, -1.0], temperature=1.0, k=2, mask=None), "weights"),
     ],
@@ -384,5 +528,5 @@ def test_bad_arguments_name_the_argument(call, argument):
 
 
 def test_module_exports():
-    assert DISTILL_LOSSES == ("kl", "mse", "rd", "soft_bce")
+    assert DISTILL_LOSSES == ("kl", "mse", "rd", "soft_bce", "rrd", "listwise")
     assert all(hasattr(losses, name) for name in losses.__all__)

@@ -22,13 +22,22 @@ def _features(rows: int, cols: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(rows, cols)).astype(np.float32)
 
 
+def _graph() -> tuple[np.ndarray, np.ndarray]:
+    """(user, item) training pairs for lightgcn: every user and every item has at least one."""
+    users = np.arange(max(N_USERS, N_ITEMS)) % N_USERS
+    return users, np.arange(users.size) % N_ITEMS
+
+
 def _build(name: str, seed: int = 0, **overrides) -> nn.Module:
-    """A small model of each kind: two hidden layers and dropout where allowed, side features for two_tower."""
+    """A small model of each kind: two hidden layers and dropout where allowed, side features for two_tower, a
+    training graph for lightgcn."""
     kwargs: dict = dict(n_users=N_USERS, n_items=N_ITEMS, dim=DIM)
-    if name != "mf":
+    if name in ("neumf", "two_tower"):
         kwargs.update(hidden=(16, 8), dropout=0.2)
     if name == "two_tower":
         kwargs.update(user_features=_features(N_USERS, 3, 1), item_features=_features(N_ITEMS, 5, 2))
+    if name == "lightgcn":
+        kwargs.update(graph=_graph())
     kwargs.update(overrides)
     torch.manual_seed(seed)
     return build_model(name, **kwargs)
@@ -39,7 +48,7 @@ ITEMS = torch.tensor([[0, 1, 28, 3, 3], [7, 8, 9, 10, 11], [28, 27, 0, 14, 2], [
 
 
 def test_registry():
-    assert set(MODELS) == {"mf", "neumf", "two_tower"}
+    assert set(MODELS) == {"mf", "neumf", "two_tower", "lightgcn"}
     assert all(cls.name == name for name, cls in MODELS.items())
 
 
@@ -78,7 +87,7 @@ def test_shared_candidates_take_the_batched_path_with_the_same_result(name):
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_gradients_reach_every_parameter(name):
-    model = _build(name, dropout=0.0) if name != "mf" else _build(name)
+    model = _build(name, dropout=0.0) if name in ("neumf", "two_tower") else _build(name)
     targets = torch.zeros(4, N_ITEMS)
     targets[torch.arange(4), ITEMS[:, 0]] = 1.0
     loss = losses.softmax_ce(model.score_all(USERS), targets) + losses.softmax_ce(model.score(USERS, ITEMS),
@@ -248,7 +257,7 @@ def test_wrapped_model_is_unwrapped():
 @pytest.mark.parametrize(
     "kwargs, error, words",
     [
-        (dict(name="lightgcn"), ConfigError, "lightgcn"),
+        (dict(name="gcmc"), ConfigError, "gcmc"),
         (dict(name="mf", dim=0), ConfigError, "dim"),
         (dict(name="mf", n_items=-1), ConfigError, "n_items"),
         (dict(name="mf", hidden=(4,)), ConfigError, "hidden"),

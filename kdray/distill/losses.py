@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DISTILL_LOSSES = ("kl", "mse", "rd", "soft_bce")
+DISTILL_LOSSES = ("kl", "mse", "rd", "soft_bce", "rrd", "listwise")
 
 __all__ = [
     "DISTILL_LOSSES",
@@ -32,8 +32,10 @@ __all__ = [
     "distill_loss",
     "ensemble_teacher_logits",
     "kl_distill",
+    "listwise_distill",
     "mse_distill",
     "ranking_distill",
+    "relaxed_ranking_distill",
     "sampled_softmax_ce",
     "soft_bce_distill",
     "softmax_ce",
@@ -48,6 +50,11 @@ __all__ = [
 def _check_temperature(temperature: float) -> None:
     if not temperature > 0:  # also rejects NaN
         raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _check_k(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
 
 
 def _check_pair(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None) -> None:
@@ -207,8 +214,7 @@ def ranking_distill(student_logits: Tensor, teacher_logits: Tensor, k: int, mask
     Shape:
         student_logits, teacher_logits: [B, C]; mask: [B, C] bool (True = leave out) or None; output: scalar.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    _check_k(k)
     if not lam > 0:
         raise ValueError(f"lam must be > 0, got {lam}")
     _check_pair(student_logits, teacher_logits, mask)
@@ -230,6 +236,91 @@ def ranking_distill(student_logits: Tensor, teacher_logits: Tensor, k: int, mask
     neg = torch.where(negative_mask, F.softplus(student_logits), torch.zeros_like(student_logits))  # -log(1 - sig)
     negative = neg.sum(dim=-1) / negative_mask.sum(dim=-1).clamp_min(1)  # [B]
     return _row_mean(positive + negative, valid.any(dim=-1))
+
+
+def _teacher_top_k(teacher_logits: Tensor, k: int, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The teacher's top-``k`` unmasked columns in teacher order ``[B, k]`` and which of them are real (False where a
+    row has fewer than ``k`` unmasked candidates and the slot holds a masked one). Ties follow ``torch.topk``."""
+    t = teacher_logits.detach()
+    if mask is not None:
+        t = t.masked_fill(mask, -math.inf)
+    top = t.topk(min(k, t.shape[1]), dim=-1).indices  # [B, k]
+    valid = torch.ones_like(top, dtype=torch.bool) if mask is None else ~mask.gather(1, top)  # [B, k]
+    return top, valid
+
+
+def relaxed_ranking_distill(student_logits: Tensor, teacher_logits: Tensor, k: int, mask: Tensor | None = None,
+                            n_uninteresting: int | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """Relaxed ranking distillation, the RRD half of DE-RRD (Kang et al., "DE-RRD: A Knowledge Distillation
+    Framework for Recommender System", CIKM 2020, Eq. 8-9).
+
+    Per row b, the teacher's top-``k`` unmasked candidates in the teacher's order ``pi_1..pi_k`` are the
+    "interesting" items, and ``U_b`` the "uninteresting" ones: every other unmasked candidate, or, with
+    ``n_uninteresting``, that many of them drawn uniformly without replacement from ``generator``. The loss is the
+    negative log-likelihood of a Plackett-Luce permutation that keeps the interesting items' order and puts them all
+    above ``U_b``, with no order among ``U_b`` (the relaxation):
+
+        ``L_b = -sum_{r=1..k} [ s_{b,pi_r} - log( sum_{r'=r..k} exp(s_{b,pi_r'}) + sum_{j in U_b} exp(s_bj) ) ]``
+        ``L = mean_b L_b`` over the rows with at least one interesting item
+
+    As in the reference implementation the uninteresting items enter every denominator; the mean over rows (the
+    paper sums) keeps the scale independent of the batch size. Differences from the paper: the interesting items
+    are the teacher's top-``k`` itself rather than ``k`` items sampled from its top-N with rank-decaying
+    probabilities, and by default the uninteresting set is every remaining candidate (exact, no sampling). Rows
+    with fewer than ``k`` unmasked candidates use those they have; teacher logits enter only through their order.
+
+    Shape:
+        student_logits, teacher_logits: [B, C]; mask: [B, C] bool (True = leave out) or None; output: scalar.
+    """
+    _check_k(k)
+    if n_uninteresting is not None and (isinstance(n_uninteresting, bool) or not isinstance(n_uninteresting, int)
+                                        or n_uninteresting <= 0):
+        raise ValueError(f"n_uninteresting must be a positive integer or None, got {n_uninteresting!r}")
+    _check_pair(student_logits, teacher_logits, mask)
+    top, valid = _teacher_top_k(teacher_logits, k, mask)
+    fill = _masked_value(student_logits.dtype)
+
+    others = torch.ones_like(student_logits, dtype=torch.bool).scatter_(1, top, False)  # [B, C]
+    if mask is not None:
+        others &= ~mask
+    if n_uninteresting is not None and n_uninteresting < student_logits.shape[1]:
+        keys = torch.rand(student_logits.shape, generator=generator,
+                          device=generator.device if generator is not None else student_logits.device)
+        keys = keys.to(student_logits.device).masked_fill(~others, -1.0)  # eligible entries win the draw first
+        drawn = keys.topk(n_uninteresting, dim=-1).indices  # [B, n]
+        others &= torch.zeros_like(others).scatter_(1, drawn, True)
+    below = torch.logsumexp(student_logits.masked_fill(~others, fill), dim=-1, keepdim=True)  # [B, 1]
+
+    s_top = student_logits.gather(1, top).masked_fill(~valid, fill)  # [B, k]
+    from_here = s_top.flip(-1).logcumsumexp(dim=-1).flip(-1)  # [B, k]: log sum_{r' >= r} exp(s_pi_r')
+    terms = torch.logaddexp(from_here, below) - s_top  # [B, k]
+    per_row = torch.where(valid, terms, torch.zeros_like(terms)).sum(dim=-1)  # [B]
+    return _row_mean(per_row, valid.any(dim=-1))
+
+
+def listwise_distill(student_logits: Tensor, teacher_logits: Tensor, k: int, temperature: float,
+                     mask: Tensor | None = None) -> Tensor:
+    """Listwise distillation over the teacher's top-``k`` unobserved items, with a temperature.
+
+    Per row b, ``pi_b`` = the teacher's top-``k`` unmasked candidates; the teacher's and the student's softmax at
+    temperature ``T`` over exactly those items are compared by KL:
+
+        ``L = T^2 * mean_b KL(p_b || q_b)``, ``p_b = softmax(t_{b,pi_b} / T)``, ``q_b = softmax(s_{b,pi_b} / T)``
+
+    The listwise top-one probability model of ListNet (Cao et al., ICML 2007), whose cross-entropy differs from this
+    KL by the teacher's entropy (a constant), restricted to the items the teacher ranks highest, with Hinton et al.'s
+    temperature and ``T^2`` scaling (2015). Unlike ``kl`` it spends nothing on the order of the long tail, and unlike
+    ``rd`` it distils the teacher's score gaps among its top items, not only their order. Rows with fewer than ``k``
+    unmasked candidates use those they have; a row with a single one contributes 0.
+
+    Shape:
+        student_logits, teacher_logits: [B, C]; mask: [B, C] bool (True = leave out) or None; output: scalar.
+    """
+    _check_k(k)
+    _check_temperature(temperature)
+    _check_pair(student_logits, teacher_logits, mask)
+    top, valid = _teacher_top_k(teacher_logits, k, mask)
+    return kl_distill(student_logits.gather(1, top), teacher_logits.detach().gather(1, top), temperature, ~valid)
 
 
 def soft_bce_distill(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
@@ -278,7 +369,8 @@ def ensemble_teacher_logits(teacher_logits: Sequence[Tensor], weights: Sequence[
     - ``"kl"``: the mixture of softmax distributions ``p = sum_m w_m softmax(t_m / T)`` over the unmasked candidates,
       returned as ``T * log p`` (so ``softmax(result / T) = p``): log-probabilities are valid logits. Computed as a
       ``logsumexp`` over teachers, stable for any logit range.
-    - ``"rd"``: the same mixture at ``T = 1``; its top-K is the ensemble's ranking.
+    - ``"rd"``, ``"rrd"``: the same mixture at ``T = 1``; its top-K is the ensemble's ranking.
+    - ``"listwise"``: as ``"kl"``; the loss renormalises the mixture over its top-K.
     - ``"soft_bce"``: the mixture of Bernoulli targets ``p = sum_m w_m sigmoid(t_m / T)``, returned as
       ``T * logit(p)`` (so ``sigmoid(result / T) = p``).
     - ``"mse"``: the weighted mean of the logits (the target of logit matching is the logit itself).
@@ -311,7 +403,7 @@ def ensemble_teacher_logits(teacher_logits: Sequence[Tensor], weights: Sequence[
         log_1mp = torch.logsumexp(log_w + F.logsigmoid(-z), dim=0)  # log sum_m w_m (1 - sigmoid(z_m))
         out = temperature * (log_p - log_1mp)
     else:
-        t = 1.0 if kind == "rd" else temperature
+        t = 1.0 if kind in ("rd", "rrd") else temperature
         z = stacked / t
         if mask is not None:
             z = z.masked_fill(mask, fill)
@@ -320,10 +412,13 @@ def ensemble_teacher_logits(teacher_logits: Sequence[Tensor], weights: Sequence[
 
 
 def distill_loss(kind: str, student_logits: Tensor, teachers: Sequence[Tensor], weights: Sequence[float] | None, *,
-                 temperature: float, k: int, mask: Tensor | None) -> Tensor:
+                 temperature: float, k: int, mask: Tensor | None, n_uninteresting: int | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
     """The distillation loss ``kind`` (one of ``DISTILL_LOSSES``) of the student against one teacher or the weighted
-    ensemble of several (see ``ensemble_teacher_logits``). ``temperature`` applies to "kl" and "soft_bce", ``k`` to
-    "rd"; both are validated whatever the kind, so a bad value fails on the first batch, not after a switch of kind.
+    ensemble of several (see ``ensemble_teacher_logits``). ``temperature`` applies to "kl", "soft_bce" and
+    "listwise", ``k`` to "rd", "rrd" and "listwise"; both are validated whatever the kind, so a bad value fails on the
+    first batch, not after a switch of kind. ``n_uninteresting`` and ``generator`` go to "rrd" (None: every remaining
+    candidate is uninteresting, no sampling).
 
     Shape:
         student_logits: [B, C]; teachers: M tensors [B, C]; mask: [B, C] bool or None; output: scalar.
@@ -331,8 +426,7 @@ def distill_loss(kind: str, student_logits: Tensor, teachers: Sequence[Tensor], 
     if kind not in DISTILL_LOSSES:
         raise ValueError(f"kind must be one of {DISTILL_LOSSES}, got {kind!r}")
     _check_temperature(temperature)
-    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    _check_k(k)
     if len(teachers) == 0:
         raise ValueError("teachers is empty: distillation needs at least one teacher's logits")
     if len(teachers) == 1:
@@ -346,6 +440,10 @@ def distill_loss(kind: str, student_logits: Tensor, teachers: Sequence[Tensor], 
         return mse_distill(student_logits, teacher, mask)
     if kind == "rd":
         return ranking_distill(student_logits, teacher, k, mask)
+    if kind == "rrd":
+        return relaxed_ranking_distill(student_logits, teacher, k, mask, n_uninteresting, generator)
+    if kind == "listwise":
+        return listwise_distill(student_logits, teacher, k, temperature, mask)
     return soft_bce_distill(student_logits, teacher, temperature, mask)
 
 

@@ -5,7 +5,8 @@ Models (``MODELS``):
 
 - ``mf``: matrix factorisation (:mod:`kdray.models.mf`);
 - ``neumf``: GMF + MLP (:mod:`kdray.models.neumf`);
-- ``two_tower``: an MLP tower per side over ids and side features (:mod:`kdray.models.two_tower`).
+- ``two_tower``: an MLP tower per side over ids and side features (:mod:`kdray.models.two_tower`);
+- ``lightgcn``: id embeddings propagated over the training graph (He et al., SIGIR 2020; :mod:`kdray.models.lightgcn`).
 
 ``model_args(model)`` returns the JSON-able keyword arguments of ``build_model`` that rebuild the architecture; the
 weights (and side features) then come back through ``load_state_dict``.
@@ -20,13 +21,16 @@ import torch
 from torch import Tensor, nn
 
 from kdray.errors import ConfigError, DataError
+from kdray.sparse import Csr
 from kdray.models.base import RecModel
+from kdray.models.lightgcn import DEFAULT_LAYERS, LightGCN
 from kdray.models.mf import MF
 from kdray.models.neumf import NeuMF
 from kdray.models.two_tower import TwoTower
 
 __all__ = [
     "MODELS",
+    "LightGCN",
     "MF",
     "NeuMF",
     "RecModel",
@@ -39,7 +43,7 @@ __all__ = [
 ]
 
 
-MODELS: dict[str, type[RecModel]] = {"mf": MF, "neumf": NeuMF, "two_tower": TwoTower}
+MODELS: dict[str, type[RecModel]] = {"mf": MF, "neumf": NeuMF, "two_tower": TwoTower, "lightgcn": LightGCN}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -73,12 +77,16 @@ def _side_features(array: np.ndarray | Tensor | None, declared_dim: int, n_rows:
 def build_model(name: str, *, n_users: int, n_items: int, dim: int, hidden: Sequence[int] = (),
                 dropout: float = 0.0, user_features: np.ndarray | Tensor | None = None,
                 item_features: np.ndarray | Tensor | None = None, user_feature_dim: int = 0,
-                item_feature_dim: int = 0) -> RecModel:
+                item_feature_dim: int = 0, graph: Csr | tuple[np.ndarray, np.ndarray] | None = None,
+                n_layers: int = DEFAULT_LAYERS, n_edges: int = 0) -> RecModel:
     """Builds a registered model, initialised from the current torch seed.
 
     ``user_features [n_users, Fu]`` / ``item_features [n_items, Fi]`` are used by ``two_tower`` only (ignored, and not
     stored, by the others). When the arrays are absent but ``*_feature_dim`` is set (a model rebuilt from
     ``model_args``), zero buffers of that width are allocated for ``load_state_dict`` to fill.
+
+    ``graph`` (the training split as a Csr or ``(users, items)`` arrays), ``n_layers`` and ``n_edges`` are used by
+    ``lightgcn`` only, the same way: its edges are a buffer, ``n_edges`` zero edges when no graph is given.
     """
     if name not in MODELS:
         raise ConfigError(f"model name {name!r} is not one of {sorted(MODELS)}")
@@ -89,18 +97,22 @@ def build_model(name: str, *, n_users: int, n_items: int, dim: int, hidden: Sequ
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
     uses_features = name == "two_tower"
+    graph_args = dict(graph=graph, n_layers=n_layers, n_edges=n_edges) if name == "lightgcn" else {}
     return MODELS[name].build(
         n_users=n_users, n_items=n_items, dim=dim, hidden=hidden, dropout=float(dropout),
         user_features=_side_features(user_features, user_feature_dim, n_users, "user") if uses_features else None,
         item_features=_side_features(item_features, item_feature_dim, n_items, "item") if uses_features else None,
+        **graph_args,
     )
 
 
 def model_from_config(m: Any, data: Any) -> RecModel:
     """The model a ``ModelConfig`` (``cfg.teacher`` / ``cfg.student``) describes, sized to ``data`` (a
-    ``PreparedData``: its user and item counts and side features). The one place a config becomes a model."""
+    ``PreparedData``: its user and item counts, side features and training split, which is a LightGCN's graph).
+    The one place a config becomes a model."""
     return build_model(m.name, n_users=data.n_users, n_items=data.n_items, dim=m.dim, hidden=tuple(m.hidden),
-                       dropout=m.dropout, user_features=data.user_features, item_features=data.item_features)
+                       dropout=m.dropout, user_features=data.user_features, item_features=data.item_features,
+                       graph=data.train)
 
 
 def _unwrap(model: nn.Module) -> RecModel:
@@ -115,7 +127,8 @@ def model_args(model: nn.Module) -> dict[str, Any]:
     """JSON-able keyword arguments such that ``build_model(**model_args(m))`` rebuilds ``m``'s architecture."""
     m = _unwrap(model)
     return {"name": m.name, "n_users": m.n_users, "n_items": m.n_items, "dim": m.dim, "hidden": list(m.hidden),
-            "dropout": m.dropout, "user_feature_dim": m.user_feature_dim, "item_feature_dim": m.item_feature_dim}
+            "dropout": m.dropout, "user_feature_dim": m.user_feature_dim, "item_feature_dim": m.item_feature_dim,
+            **m.extra_args()}
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -11,7 +11,7 @@ all go through these two methods, so any registered model can be a teacher or a 
 
 from __future__ import annotations
 
-from typing import ClassVar, Sequence
+from typing import Any, ClassVar, Sequence
 
 from torch import Tensor, nn
 
@@ -69,6 +69,10 @@ class RecModel(nn.Module):
     def embedding_tables(self) -> tuple[nn.Embedding, nn.Embedding]:
         """The (user, item) id embeddings whose dot product carries the collaborative signal."""
         raise NotImplementedError
+
+    def extra_args(self) -> dict[str, Any]:
+        """``build_model`` keyword arguments of this model beyond the shared ones (``model_args`` adds them)."""
+        return {}
 
     def forward(self, users: Tensor, items: Tensor | None = None) -> Tensor:
         """``score_all(users)`` without ``items``, else ``score(users, items)``; lets DDP wrap any model."""

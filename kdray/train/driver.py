@@ -102,8 +102,9 @@ def train_model(cfg: Config, role: str, data: PreparedData, *, out_dir: Path, na
         teacher_refs = []  # the student reads the cache with its shard and needs no live teacher
     dataset = dataset.materialize()  # frees the CPUs Ray Data would hold while the workers run (else 2 workers on 2 CPUs can deadlock)
 
-    # The initial model is built here, seeded, and sent once through the object store: side-feature buffers and a
-    # teacher-initialised start travel with it, and every worker starts from identical weights.
+    # The initial model is built here, seeded, and sent once through the object store: side-feature buffers, a
+    # LightGCN's training graph and a teacher-initialised start travel with it, and every worker starts from
+    # identical weights.
     torch.manual_seed((cfg.teacher_train if role == "teacher" else cfg.student_train).seed)
     initial = model_from_config(cfg.teacher if role == "teacher" else cfg.student, data)
     if role == "student" and cfg.distill.init_from_teacher and teacher_ckpts:
