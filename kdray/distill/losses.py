@@ -16,14 +16,24 @@ Conventions shared by the distillation losses:
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdray.distill.common import (
+    check_k,
+    check_pair,
+    check_temperature,
+    masked_value,
+    row_mean,
+    teacher_top_k,
+)
+from kdray.distill.ranking import ranking_distill, relaxed_ranking_distill
+
 DISTILL_LOSSES = ("kl", "mse", "rd", "soft_bce", "rrd", "listwise")
+
 
 __all__ = [
     "DISTILL_LOSSES",
@@ -45,44 +55,6 @@ __all__ = [
 
 # ----------------------------------------------------------------------------------------------------------------
 # Argument checks (cheap: Python scalars and shapes only, no device synchronisation)
-
-
-def _check_temperature(temperature: float) -> None:
-    if not temperature > 0:  # also rejects NaN
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-
-
-def _check_k(k: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-
-
-def _check_pair(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None) -> None:
-    if student_logits.ndim != 2:
-        raise ValueError(f"student_logits must be [B, C], got shape {tuple(student_logits.shape)}")
-    if teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} differs from student_logits shape "
-                         f"{tuple(student_logits.shape)}")
-    if mask is not None:
-        if mask.shape != student_logits.shape:
-            raise ValueError(f"mask shape {tuple(mask.shape)} differs from logits shape {tuple(student_logits.shape)}")
-        if mask.dtype != torch.bool:
-            raise ValueError(f"mask must be a bool tensor (True = leave out), got {mask.dtype}")
-
-
-def _masked_value(dtype: torch.dtype) -> float:
-    """A finite stand-in for -inf: exp() of it underflows to exactly 0, yet a row of only such values still has a
-    finite (uniform) softmax, and differences of two of them stay finite, so nothing turns into NaN."""
-    return torch.finfo(dtype).min / 4
-
-
-def _row_mean(per_row: Tensor, usable: Tensor) -> Tensor:
-    """Mean of ``per_row [B]`` over the usable rows; 0 when there are none."""
-    return torch.where(usable, per_row, torch.zeros_like(per_row)).sum() / usable.sum().clamp_min(1)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Hard losses
 
 
 def softmax_ce(logits: Tensor, targets: Tensor) -> Tensor:
@@ -158,11 +130,11 @@ def kl_distill(student_logits: Tensor, teacher_logits: Tensor, temperature: floa
     Shape:
         student_logits, teacher_logits: [B, C]; mask: [B, C] bool (True = leave out) or None; output: scalar.
     """
-    _check_temperature(temperature)
-    _check_pair(student_logits, teacher_logits, mask)
+    check_temperature(temperature)
+    check_pair(student_logits, teacher_logits, mask)
     s, t = student_logits / temperature, teacher_logits.detach() / temperature
     if mask is not None:
-        fill = _masked_value(s.dtype)
+        fill = masked_value(s.dtype)
         s, t = s.masked_fill(mask, fill), t.masked_fill(mask, fill)
     log_q = torch.log_softmax(s, dim=-1)  # [B, C]
     log_p = torch.log_softmax(t, dim=-1)  # [B, C]
@@ -172,7 +144,7 @@ def kl_distill(student_logits: Tensor, teacher_logits: Tensor, temperature: floa
     if mask is None:
         return temperature**2 * terms.sum(dim=-1).mean()
     per_row = torch.where(mask, torch.zeros_like(terms), terms).sum(dim=-1)  # [B]
-    return temperature**2 * _row_mean(per_row, ~mask.all(dim=-1))
+    return temperature**2 * row_mean(per_row, ~mask.all(dim=-1))
 
 
 def mse_distill(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -183,119 +155,12 @@ def mse_distill(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | N
     Shape:
         student_logits, teacher_logits: [B, C]; mask: [B, C] bool (True = leave out) or None; output: scalar.
     """
-    _check_pair(student_logits, teacher_logits, mask)
+    check_pair(student_logits, teacher_logits, mask)
     sq = (student_logits - teacher_logits.detach()).square()  # [B, C]
     if mask is None:
         return sq.mean()
     keep = ~mask
     return torch.where(keep, sq, torch.zeros_like(sq)).sum() / keep.sum().clamp_min(1)
-
-
-def ranking_distill(student_logits: Tensor, teacher_logits: Tensor, k: int, mask: Tensor | None = None,
-                    lam: float = 1.0) -> Tensor:
-    """Ranking distillation (Tang & Wang, KDD 2018), with a negative term for shift-invariant hard losses.
-
-    Per row b, the teacher's top-``k`` unmasked candidates ``pi_1..pi_k`` are pseudo-positives with position weights
-    ``w_r = exp(-r / lam) / sum_{r'} exp(-r' / lam)`` (r = 1..k; ``lam = 1`` is the paper's code default), and every
-    other unmasked candidate ``j`` is a pseudo-negative:
-
-        ``L_b = sum_r w_r * -log sigmoid(s_{b, pi_r})  +  mean_j -log(1 - sigmoid(s_bj))``
-        ``L = mean_b L_b``
-
-    Why the negative term: the paper pairs the positive term with a pointwise log loss that anchors the logits'
-    level. kdray's default hard loss is a softmax, which is invariant to adding a constant to a user's logits (an MF
-    student can do that through its item biases), so the positive term alone is lowered by inflating every logit
-    without changing any ranking. The negative term (total weight 1, like the positives) removes that free direction
-    and deterministically (no sampling) pushes the items the teacher does not rank highly below them.
-
-    Rows with fewer than ``k`` unmasked candidates use those they have (weights renormalised over them). Ties in the
-    teacher's logits are broken by ``torch.topk``'s order.
-
-    Shape:
-        student_logits, teacher_logits: [B, C]; mask: [B, C] bool (True = leave out) or None; output: scalar.
-    """
-    _check_k(k)
-    if not lam > 0:
-        raise ValueError(f"lam must be > 0, got {lam}")
-    _check_pair(student_logits, teacher_logits, mask)
-    b, c = student_logits.shape
-    k = min(k, c)
-    t = teacher_logits.detach()
-    if mask is not None:
-        t = t.masked_fill(mask, -math.inf)  # masked entries are chosen only when a row has fewer than k others
-    top = t.topk(k, dim=-1).indices  # [B, k]
-    valid = torch.ones_like(top, dtype=torch.bool) if mask is None else ~mask.gather(1, top)  # [B, k]
-    ranks = torch.arange(1, k + 1, device=student_logits.device, dtype=student_logits.dtype)
-    w = torch.exp(-ranks / lam).expand(b, k) * valid  # [B, k]
-    w = w / w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-    positive = (w * F.softplus(-student_logits.gather(1, top))).sum(dim=-1)  # [B]; softplus(-s) = -log sigmoid(s)
-
-    negative_mask = torch.ones_like(student_logits, dtype=torch.bool).scatter_(1, top, False)  # [B, C]
-    if mask is not None:
-        negative_mask &= ~mask
-    neg = torch.where(negative_mask, F.softplus(student_logits), torch.zeros_like(student_logits))  # -log(1 - sig)
-    negative = neg.sum(dim=-1) / negative_mask.sum(dim=-1).clamp_min(1)  # [B]
-    return _row_mean(positive + negative, valid.any(dim=-1))
-
-
-def _teacher_top_k(teacher_logits: Tensor, k: int, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """The teacher's top-``k`` unmasked columns in teacher order ``[B, k]`` and which of them are real (False where a
-    row has fewer than ``k`` unmasked candidates and the slot holds a masked one). Ties follow ``torch.topk``."""
-    t = teacher_logits.detach()
-    if mask is not None:
-        t = t.masked_fill(mask, -math.inf)
-    top = t.topk(min(k, t.shape[1]), dim=-1).indices  # [B, k]
-    valid = torch.ones_like(top, dtype=torch.bool) if mask is None else ~mask.gather(1, top)  # [B, k]
-    return top, valid
-
-
-def relaxed_ranking_distill(student_logits: Tensor, teacher_logits: Tensor, k: int, mask: Tensor | None = None,
-                            n_uninteresting: int | None = None, generator: torch.Generator | None = None) -> Tensor:
-    """Relaxed ranking distillation, the RRD half of DE-RRD (Kang et al., "DE-RRD: A Knowledge Distillation
-    Framework for Recommender System", CIKM 2020, Eq. 8-9).
-
-    Per row b, the teacher's top-``k`` unmasked candidates in the teacher's order ``pi_1..pi_k`` are the
-    "interesting" items, and ``U_b`` the "uninteresting" ones: every other unmasked candidate, or, with
-    ``n_uninteresting``, that many of them drawn uniformly without replacement from ``generator``. The loss is the
-    negative log-likelihood of a Plackett-Luce permutation that keeps the interesting items' order and puts them all
-    above ``U_b``, with no order among ``U_b`` (the relaxation):
-
-        ``L_b = -sum_{r=1..k} [ s_{b,pi_r} - log( sum_{r'=r..k} exp(s_{b,pi_r'}) + sum_{j in U_b} exp(s_bj) ) ]``
-        ``L = mean_b L_b`` over the rows with at least one interesting item
-
-    As in the reference implementation the uninteresting items enter every denominator; the mean over rows (the
-    paper sums) keeps the scale independent of the batch size. Differences from the paper: the interesting items
-    are the teacher's top-``k`` itself rather than ``k`` items sampled from its top-N with rank-decaying
-    probabilities, and by default the uninteresting set is every remaining candidate (exact, no sampling). Rows
-    with fewer than ``k`` unmasked candidates use those they have; teacher logits enter only through their order.
-
-    Shape:
-        student_logits, teacher_logits: [B, C]; mask: [B, C] bool (True = leave out) or None; output: scalar.
-    """
-    _check_k(k)
-    if n_uninteresting is not None and (isinstance(n_uninteresting, bool) or not isinstance(n_uninteresting, int)
-                                        or n_uninteresting <= 0):
-        raise ValueError(f"n_uninteresting must be a positive integer or None, got {n_uninteresting!r}")
-    _check_pair(student_logits, teacher_logits, mask)
-    top, valid = _teacher_top_k(teacher_logits, k, mask)
-    fill = _masked_value(student_logits.dtype)
-
-    others = torch.ones_like(student_logits, dtype=torch.bool).scatter_(1, top, False)  # [B, C]
-    if mask is not None:
-        others &= ~mask
-    if n_uninteresting is not None and n_uninteresting < student_logits.shape[1]:
-        keys = torch.rand(student_logits.shape, generator=generator,
-                          device=generator.device if generator is not None else student_logits.device)
-        keys = keys.to(student_logits.device).masked_fill(~others, -1.0)  # eligible entries win the draw first
-        drawn = keys.topk(n_uninteresting, dim=-1).indices  # [B, n]
-        others &= torch.zeros_like(others).scatter_(1, drawn, True)
-    below = torch.logsumexp(student_logits.masked_fill(~others, fill), dim=-1, keepdim=True)  # [B, 1]
-
-    s_top = student_logits.gather(1, top).masked_fill(~valid, fill)  # [B, k]
-    from_here = s_top.flip(-1).logcumsumexp(dim=-1).flip(-1)  # [B, k]: log sum_{r' >= r} exp(s_pi_r')
-    terms = torch.logaddexp(from_here, below) - s_top  # [B, k]
-    per_row = torch.where(valid, terms, torch.zeros_like(terms)).sum(dim=-1)  # [B]
-    return _row_mean(per_row, valid.any(dim=-1))
 
 
 def listwise_distill(student_logits: Tensor, teacher_logits: Tensor, k: int, temperature: float,
@@ -316,10 +181,10 @@ def listwise_distill(student_logits: Tensor, teacher_logits: Tensor, k: int, tem
     Shape:
         student_logits, teacher_logits: [B, C]; mask: [B, C] bool (True = leave out) or None; output: scalar.
     """
-    _check_k(k)
-    _check_temperature(temperature)
-    _check_pair(student_logits, teacher_logits, mask)
-    top, valid = _teacher_top_k(teacher_logits, k, mask)
+    check_k(k)
+    check_temperature(temperature)
+    check_pair(student_logits, teacher_logits, mask)
+    top, valid = teacher_top_k(teacher_logits, k, mask)
     return kl_distill(student_logits.gather(1, top), teacher_logits.detach().gather(1, top), temperature, ~valid)
 
 
@@ -336,8 +201,8 @@ def soft_bce_distill(student_logits: Tensor, teacher_logits: Tensor, temperature
     Shape:
         student_logits, teacher_logits: [B, C]; mask: [B, C] bool (True = leave out) or None; output: scalar.
     """
-    _check_temperature(temperature)
-    _check_pair(student_logits, teacher_logits, mask)
+    check_temperature(temperature)
+    check_pair(student_logits, teacher_logits, mask)
     target = torch.sigmoid(teacher_logits.detach() / temperature)
     per_entry = F.binary_cross_entropy_with_logits(student_logits / temperature, target, reduction="none")  # [B, C]
     if mask is None:
@@ -383,18 +248,18 @@ def ensemble_teacher_logits(teacher_logits: Sequence[Tensor], weights: Sequence[
     """
     if kind not in DISTILL_LOSSES:
         raise ValueError(f"kind must be one of {DISTILL_LOSSES}, got {kind!r}")
-    _check_temperature(temperature)
+    check_temperature(temperature)
     if len(teacher_logits) == 0:
         raise ValueError("teacher_logits is empty: need at least one teacher")
     shapes = {tuple(t.shape) for t in teacher_logits}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
         raise ValueError(f"teacher_logits must all be [B, C] of one shape, got shapes {sorted(shapes)}")
     if mask is not None:
-        _check_pair(teacher_logits[0], teacher_logits[0], mask)
+        check_pair(teacher_logits[0], teacher_logits[0], mask)
     w = _normalised_weights(len(teacher_logits), weights)
     stacked = torch.stack([t.detach() for t in teacher_logits])  # [M, B, C]
     log_w = torch.tensor(w, dtype=stacked.dtype, device=stacked.device).log().view(-1, 1, 1)  # [M, 1, 1]
-    fill = _masked_value(stacked.dtype)
+    fill = masked_value(stacked.dtype)
     if kind == "mse":
         return (stacked * log_w.exp()).sum(dim=0)
     if kind == "soft_bce":
@@ -425,8 +290,8 @@ def distill_loss(kind: str, student_logits: Tensor, teachers: Sequence[Tensor], 
     """
     if kind not in DISTILL_LOSSES:
         raise ValueError(f"kind must be one of {DISTILL_LOSSES}, got {kind!r}")
-    _check_temperature(temperature)
-    _check_k(k)
+    check_temperature(temperature)
+    check_k(k)
     if len(teachers) == 0:
         raise ValueError("teachers is empty: distillation needs at least one teacher's logits")
     if len(teachers) == 1:
