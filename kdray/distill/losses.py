@@ -22,14 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdray.distill.common import (
-    check_k,
-    check_pair,
-    check_temperature,
-    masked_value,
-    row_mean,
-    teacher_top_k,
-)
+from kdray.distill.common import check_k, check_pair, check_temperature, masked_value, row_mean, teacher_top_k
 from kdray.distill.ranking import ranking_distill, relaxed_ranking_distill
 
 DISTILL_LOSSES = ("kl", "mse", "rd", "soft_bce", "rrd", "listwise")

@@ -10,13 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdray.distill.common import (
-    check_k,
-    check_pair,
-    masked_value,
-    row_mean,
-    teacher_top_k,
-)
+from kdray.distill.common import check_k, check_pair, masked_value, row_mean, teacher_top_k
 
 
 def ranking_distill(student_logits: Tensor, teacher_logits: Tensor, k: int, mask: Tensor | None = None,

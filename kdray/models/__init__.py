@@ -21,12 +21,12 @@ import torch
 from torch import Tensor, nn
 
 from kdray.errors import ConfigError, DataError
-from kdray.sparse import Csr
 from kdray.models.base import RecModel
 from kdray.models.lightgcn import DEFAULT_LAYERS, LightGCN
 from kdray.models.mf import MF
 from kdray.models.neumf import NeuMF
 from kdray.models.two_tower import TwoTower
+from kdray.sparse import Csr
 
 __all__ = [
     "MODELS",
