@@ -20,6 +20,7 @@ import hashlib
 import importlib
 import json
 import re
+from dataclasses import MISSING
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Sequence
 
@@ -241,6 +242,12 @@ class ServeConfig:
 # The whole config, and the checks that span several keys.
 
 
+def _default(cls: type, **values: Any) -> Any:
+    """A section's defaults in ``Config``, built when a Config is: a section built here, at import, would import
+    the registries (and torch) to validate its names."""
+    return dataclasses.field(default_factory=functools.partial(cls, **values))
+
+
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise ConfigError(message)
@@ -253,17 +260,17 @@ class Config:
                                "must be a non-empty directory name without '/'")] = "default"
     runs_dir: Str = "runs"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    data: DataConfig = DataConfig()
-    teacher: ModelConfig = ModelConfig(name="mf", dim=256)
-    student: ModelConfig = ModelConfig(name="mf", dim=16)
+    data: DataConfig = _default(DataConfig)
+    teacher: ModelConfig = _default(ModelConfig, name="mf", dim=256)
+    student: ModelConfig = _default(ModelConfig, name="mf", dim=16)
     # measured on the built-in data (BENCHMARKS.md): the teacher plateaus within ~40 epochs, a 16-d student within ~100
-    teacher_train: TrainConfig = TrainConfig(lr=3e-3, epochs=40)
-    student_train: TrainConfig = TrainConfig(lr=1e-2, epochs=100, patience=10)
-    distill: DistillConfig = DistillConfig()
-    ray: RayConfig = RayConfig()
-    eval: EvalConfig = EvalConfig()
-    tune: TuneConfig = TuneConfig()
-    serve: ServeConfig = ServeConfig()
+    teacher_train: TrainConfig = _default(TrainConfig, lr=3e-3, epochs=40)
+    student_train: TrainConfig = _default(TrainConfig, lr=1e-2, epochs=100, patience=10)
+    distill: DistillConfig = _default(DistillConfig)
+    ray: RayConfig = _default(RayConfig)
+    eval: EvalConfig = _default(EvalConfig)
+    tune: TuneConfig = _default(TuneConfig)
+    serve: ServeConfig = _default(ServeConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -417,8 +424,9 @@ def from_dict(values: dict[str, Any]) -> Config:
     section given in part keeps ``Config``'s defaults for the rest of it (the teacher's dim of 256)."""
     tree = values or {}
     if isinstance(tree, dict):
-        sections = {f.name: f.default for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default)}
-        tree = {k: {**to_dict(sections[k]), **v} if k in sections and isinstance(v, dict) else v for k, v in tree.items()}
+        sections = {f.name: f.default_factory for f in dataclasses.fields(Config) if f.default_factory is not MISSING}
+        tree = {k: {**to_dict(sections[k]()), **v} if k in sections and isinstance(v, dict) else v
+                for k, v in tree.items()}
     try:
         return _adapter(Config).validate_python(tree)
     except ValidationError as e:
