@@ -129,3 +129,47 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("teacher_train:\n  lr: 3e-3\n")
     assert load_config(f).teacher_train.lr == 3e-3
+
+
+def test_names_come_from_the_registries(monkeypatch):
+    # registering a model or a loss is all it takes for the config to accept its name
+    from kdray.distill import losses
+    from kdray.models import MODELS, MF
+    from kdray.train import objective
+
+    overrides = ["student.name=toy_model", "distill.loss=toy_kd", "student_train.hard_loss=toy_hard"]
+    with pytest.raises(ConfigError, match="student.name: 'toy_model' is not allowed"):
+        load_config(None, overrides)
+    monkeypatch.setitem(MODELS, "toy_model", MF)
+    monkeypatch.setattr(losses, "DISTILL_LOSSES", (*losses.DISTILL_LOSSES, "toy_kd"))
+    monkeypatch.setattr(objective, "HARD_LOSSES", (*objective.HARD_LOSSES, "toy_hard"))
+    cfg = load_config(None, overrides)
+    assert (cfg.student.name, cfg.distill.loss, cfg.student_train.hard_loss) == ("toy_model", "toy_kd", "toy_hard")
+
+
+def test_init_from_teacher_asks_the_model_family():
+    with pytest.raises(ConfigError, match="distill.init_from_teacher: .*student.name='neumf'.*'mf', 'two_tower'"):
+        load_config(None, ["student.name=neumf"])
+    assert load_config(None, ["student.name=neumf", "distill.init_from_teacher=false"]).student.name == "neumf"
+    assert load_config(None, ["teacher.name=neumf"]).teacher.name == "neumf"  # any registered teacher gives vectors
+
+
+def test_cached_topk_needs_mask_seen():
+    # the cache holds the teacher's top-K unobserved items, so it cannot honour mask_seen=false
+    with pytest.raises(ConfigError, match="distill.cached_topk: .*distill.mask_seen=true"):
+        load_config(None, ["distill.cached_topk=true", "distill.mask_seen=false"])
+    assert load_config(None, ["distill.cached_topk=true"]).distill.mask_seen is True
+
+
+@pytest.mark.parametrize("override, message", [
+    ("student_train.lr=true", "student_train.lr: expected a number, got True"),
+    ("student_train.lr=.inf", "student_train.lr: expected a finite number, got inf"),
+    ("student_train.epochs=" + "9" * 30, r"student_train.epochs: 9+ is out of range; expected an integer in \[-2\*\*63"),
+    ("teacher.hidden=[64, -1]", r"teacher.hidden: \[64, -1\] must be positive widths"),
+    ("data.split_ratios=[0.9, -0.1, 0.2]", r"data.split_ratios\[1\]: -0.1 must be >= 0"),
+    ("data.split=zz", "data.split: 'zz' is not allowed; allowed values: 'random', 'loo' or 'given'"),
+    ("serve.port=0", "serve.port: 0 must be in 1..65535"),
+])
+def test_type_and_range_messages(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])

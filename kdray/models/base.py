@@ -28,6 +28,9 @@ class RecModel(nn.Module):
     """
 
     name: ClassVar[str]
+    # distill.init_from_teacher may start a student of this family from a teacher's PCA-projected vectors: true when
+    # its id embedding tables carry the whole collaborative signal (NeuMF's GMF tables are only half of its score)
+    pca_student: ClassVar[bool] = False
 
     def __init__(self, n_users: int, n_items: int, dim: int, hidden: Sequence[int] = (), dropout: float = 0.0,
                  user_feature_dim: int = 0, item_feature_dim: int = 0):

@@ -15,6 +15,7 @@ class MF(RecModel):
     """
 
     name = "mf"
+    pca_student = True
 
     def __init__(self, n_users: int, n_items: int, dim: int):
         super().__init__(n_users, n_items, dim)

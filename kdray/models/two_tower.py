@@ -22,6 +22,7 @@ class TwoTower(RecModel):
     """
 
     name = "two_tower"
+    pca_student = True
 
     def __init__(self, n_users: int, n_items: int, dim: int, hidden: Sequence[int], dropout: float,
                  user_features: Tensor | None, item_features: Tensor | None):

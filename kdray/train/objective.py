@@ -28,6 +28,8 @@ from kdray.config import Config
 from kdray.distill import losses
 from kdray.models import RecModel, embedding_tables
 
+HARD_LOSSES = ("softmax", "sampled_softmax", "bpr", "bce")  # the registry of hard losses: what hard_loss dispatches,
+# and what the config's train.hard_loss accepts
 BCE_NEGATIVES_PER_POSITIVE = 4  # NeuMF's ratio (He et al. 2017)
 CACHED_FILL = -1e4  # teacher logit for items outside the cached top-K: never selected as a pseudo-positive
 
@@ -151,6 +153,8 @@ def hard_loss(logits: Tensor, targets: Tensor, obj: Objective, cand: Tensor | No
     if obj.hard_loss == "bpr":
         neg = _random_negative_columns(targets, rows, 1, gen)[:, 0]
         return losses.bpr(logits[rows, cols], logits[rows, neg])
+    if obj.hard_loss != "bce":
+        raise ValueError(f"hard_loss must be one of {HARD_LOSSES}, got {obj.hard_loss!r}")
     neg = _random_negative_columns(targets, rows, BCE_NEGATIVES_PER_POSITIVE, gen)  # [P, 4]
     scores = torch.cat([logits[rows, cols], logits[rows.unsqueeze(1).expand_as(neg), neg].reshape(-1)])
     labels = torch.cat([torch.ones_like(cols, dtype=logits.dtype), torch.zeros(neg.numel(), device=logits.device)])
