@@ -30,8 +30,16 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from kdray.data.prepare import (SPLITS, _numeric, _ratings_table, _read_text_table, _require, _unique_ids,
-                                ratio_counts, split_labels)
+from kdray.data.prepare import (
+    SPLITS,
+    _numeric,
+    _ratings_table,
+    _read_text_table,
+    _require,
+    _unique_ids,
+    ratio_counts,
+    split_labels,
+)
 from kdray.errors import DataError
 
 LIKE_THRESHOLD = 4.0

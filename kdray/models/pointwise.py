@@ -32,14 +32,31 @@ import torch
 from torch import Tensor, nn
 
 from kdray.errors import ConfigError
-from kdray.models.pointwise_layers import (EMBEDDING_STD, HEADS, CrossNetwork, FieldEmbedding, MMoEHeads,
-                                          SharedBottomHeads, mlp)
+from kdray.models.pointwise_layers import (
+    EMBEDDING_STD,
+    HEADS,
+    CrossNetwork,
+    FieldEmbedding,
+    MMoEHeads,
+    SharedBottomHeads,
+    mlp,
+)
 
 MULTITASK = ("shared_bottom", "mmoe")
 STRUCTURES = ("parallel", "stacked")
 
-__all__ = ["MULTITASK", "POINTWISE_MODELS", "STRUCTURES", "BiasedMF", "DCNv2", "FM", "NarrowMLP", "PointwiseModel",
-           "build_pointwise_model", "pointwise_model_args"]
+__all__ = [
+    "FM",
+    "MULTITASK",
+    "POINTWISE_MODELS",
+    "STRUCTURES",
+    "BiasedMF",
+    "DCNv2",
+    "NarrowMLP",
+    "PointwiseModel",
+    "build_pointwise_model",
+    "pointwise_model_args",
+]
 
 
 class PointwiseModel(nn.Module):
