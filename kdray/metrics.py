@@ -13,6 +13,10 @@ user's truth set and ``rel_r = 1`` when the item at rank r is in ``T``:
 
 Ties in the scores are broken by ``torch.topk``'s order (unspecified, as in RecBole); with continuous scores from a
 trained model they do not occur in practice.
+
+The labelled pointwise metrics (the rating/like task) take the model's outputs and the labels of the same rows:
+``classification_metrics`` (accuracy, precision, recall, F1 at a threshold), ``best_threshold`` (by F1, on
+validation), ``auc``, ``logloss``, ``rmse``, ``mae``, and ``pointwise_report`` with all of them for one split.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from kdray.sparse import Csr
 
 RANKING_METRICS = ("recall", "ndcg", "hr", "mrr", "precision")
 
-__all__ = ["RANKING_METRICS", "full_ranking_evaluate", "pointwise_metrics", "topk_metrics"]
+__all__ = ["RANKING_METRICS", "auc", "best_threshold", "classification_metrics", "full_ranking_evaluate", "logloss",
+           "mae", "pointwise_metrics", "pointwise_report", "rmse", "topk_metrics"]
 
 
 def _check_ks(ks: Sequence[int]) -> list[int]:
@@ -162,11 +167,145 @@ def pointwise_metrics(pos_scores: Tensor, neg_scores: Tensor, threshold: float =
     recall = tp / n_pos
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
 
+    return {"accuracy": (tp + tn) / (n_pos + n_neg), "precision": precision, "recall": recall, "f1": f1,
+            "auc": _mann_whitney_auc(pos, neg)}
+
+
+def _mann_whitney_auc(pos: Tensor, neg: Tensor) -> float:
+    """Exact AUC of non-empty float64 ``pos [P]`` and ``neg [N]`` scores from mid-ranks (Mann-Whitney U)."""
+    n_pos, n_neg = pos.numel(), neg.numel()
     # Mid-ranks: tied scores share the mean of the ranks they span, which counts each tied pair as one half.
     _, inverse, counts = torch.unique(torch.cat([pos, neg]), return_inverse=True, return_counts=True)
     ends = torch.cumsum(counts, dim=0).double()  # last 1-based rank of each distinct value
     mid_rank = ends - (counts.double() - 1.0) / 2.0  # [distinct]
     rank_sum = float(mid_rank[inverse[:n_pos]].sum())
-    auc = (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
-    return {"accuracy": (tp + tn) / (n_pos + n_neg), "precision": precision, "recall": recall, "f1": f1,
-            "auc": auc}
+    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Labelled pointwise metrics: probabilities (or logits) and 0/1 labels of the same rows, ratings and predictions.
+
+
+def _labelled(scores: Tensor, labels: Tensor, what: str = "scores") -> tuple[Tensor, Tensor]:
+    """Flat float64 copies of non-empty, same-length, finite ``scores`` and 0/1 ``labels``; ValueError otherwise."""
+    s = scores.detach().reshape(-1).double()
+    y = labels.detach().reshape(-1).double()
+    if s.numel() == 0 or s.numel() != y.numel():
+        raise ValueError(f"{what} and labels must be non-empty and of one length, got {s.numel()} and {y.numel()}")
+    if not torch.isfinite(s).all():
+        raise ValueError(f"{what} must be finite")
+    if not ((y == 0) | (y == 1)).all():
+        raise ValueError("labels must be 0 or 1")
+    return s, y
+
+
+def classification_metrics(probs: Tensor, labels: Tensor, threshold: float = 0.5) -> dict[str, float]:
+    """Accuracy, precision, recall and F1 of the rule "positive when ``prob >= threshold``" (sklearn's
+    ``precision_recall_curve`` convention). Precision is 0 when nothing is predicted positive, recall 0 when there is
+    no positive, F1 = 2 TP / (2 TP + FP + FN) (0 when TP is 0); sklearn's ``zero_division=0``.
+
+    Shape:
+        probs: [N] in [0, 1] (any score works with a matching threshold); labels: [N] in {0, 1}; output: floats.
+    """
+    p, y = _labelled(probs, labels, "probs")
+    predicted = p >= threshold
+    positive = y == 1
+    tp = int((predicted & positive).sum())
+    fp = int((predicted & ~positive).sum())
+    fn = int((~predicted & positive).sum())
+    n = p.numel()
+    return {"accuracy": (n - fp - fn) / n, "precision": tp / (tp + fp) if tp + fp else 0.0,
+            "recall": tp / (tp + fn) if tp + fn else 0.0, "f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0}
+
+
+def best_threshold(probs: Tensor, labels: Tensor) -> float:
+    """The threshold that maximises F1 of "positive when ``prob >= threshold``", chosen among the distinct
+    probabilities (every threshold between two of them gives the same predictions); on a tie the highest one (the
+    fewest predicted positives). Meant for validation rows; the test report then uses it. O(N log N): one sort and
+    cumulative counts, F1 = 2 TP / (TP + FP + P) at each distinct value.
+
+    Shape:
+        probs: [N]; labels: [N] in {0, 1} with at least one positive; output: float.
+    """
+    p, y = _labelled(probs, labels, "probs")
+    n_pos = float(y.sum())
+    if n_pos == 0:
+        raise ValueError("labels have no positive: F1 is 0 at every threshold, so none is best")
+    order = torch.argsort(p, descending=True, stable=True)
+    ps, ys = p[order], y[order]
+    tp = torch.cumsum(ys, dim=0)  # predicted positive = the first i + 1 rows
+    predicted = torch.arange(1, ps.numel() + 1, dtype=torch.float64)
+    group_end = torch.cat([ps[1:] != ps[:-1], torch.tensor([True])])  # a threshold takes whole groups of ties
+    f1 = 2 * tp[group_end] / (predicted[group_end] + n_pos)
+    return float(ps[group_end][int(torch.argmax(f1))])  # argmax: the first maximum = the highest threshold
+
+
+def auc(scores: Tensor, labels: Tensor) -> float:
+    """Area under the ROC curve, exact with ties counted one half (see ``pointwise_metrics``); NaN when the labels
+    hold one class only (sklearn raises there instead: AUC is undefined).
+
+    Shape:
+        scores: [N] (probabilities or logits: only their order matters); labels: [N] in {0, 1}; output: float.
+    """
+    s, y = _labelled(scores, labels)
+    pos, neg = s[y == 1], s[y == 0]
+    if pos.numel() == 0 or neg.numel() == 0:
+        return float("nan")
+    return _mann_whitney_auc(pos, neg)
+
+
+def logloss(logits: Tensor, labels: Tensor) -> float:
+    """Mean binary cross-entropy ``-[y log sigmoid(z) + (1 - y) log(1 - sigmoid(z))]``, computed from logits (exact
+    for any logit, where a probability would round to 0 or 1).
+
+    Shape:
+        logits: [N]; labels: [N] in {0, 1}; output: float.
+    """
+    z, y = _labelled(logits, labels, "logits")
+    return float(torch.nn.functional.binary_cross_entropy_with_logits(z, y))
+
+
+def _regression(pred: Tensor, target: Tensor) -> Tensor:
+    p = pred.detach().reshape(-1).double()
+    t = target.detach().reshape(-1).double()
+    if p.numel() == 0 or p.numel() != t.numel():
+        raise ValueError(f"pred and target must be non-empty and of one length, got {p.numel()} and {t.numel()}")
+    if not (torch.isfinite(p).all() and torch.isfinite(t).all()):
+        raise ValueError("pred and target must be finite")
+    return p - t
+
+
+def rmse(pred: Tensor, target: Tensor) -> float:
+    """Root mean squared error ``sqrt(mean (p - t)^2)``. Shape: pred, target: [N]; output: float."""
+    return float(_regression(pred, target).square().mean().sqrt())
+
+
+def mae(pred: Tensor, target: Tensor) -> float:
+    """Mean absolute error ``mean |p - t|``. Shape: pred, target: [N]; output: float."""
+    return float(_regression(pred, target).abs().mean())
+
+
+def pointwise_report(like_logits: Tensor | None = None, like: Tensor | None = None, rating_pred: Tensor | None = None,
+                     rating: Tensor | None = None, threshold: float | None = None) -> dict[str, float]:
+    """Every pointwise metric of one evaluation split: for the like head (logits and 0/1 labels) accuracy,
+    precision, recall and F1 at 0.5 (``"f1@0.5"``) and at ``threshold`` (``"f1@best"``, the validation-best
+    threshold, also reported as ``"threshold"``; left out when None), ``auc`` and ``logloss``; for the rating head
+    ``rmse`` and ``mae``. A head whose tensors are None is left out.
+
+    Shape:
+        like_logits, like, rating_pred, rating: [N] or None; output: {name: float}.
+    """
+    out: dict[str, float] = {}
+    if like_logits is not None and like is not None:
+        probs = torch.sigmoid(like_logits.detach().double())
+        cuts = {"0.5": 0.5} if threshold is None else {"0.5": 0.5, "best": float(threshold)}
+        for name, cut in cuts.items():
+            out.update({f"{k}@{name}": v for k, v in classification_metrics(probs, like, cut).items()})
+        if threshold is not None:
+            out["threshold"] = float(threshold)
+        out["auc"] = auc(like_logits, like)
+        out["logloss"] = logloss(like_logits, like)
+    if rating_pred is not None and rating is not None:
+        out["rmse"] = rmse(rating_pred, rating)
+        out["mae"] = mae(rating_pred, rating)
+    return out

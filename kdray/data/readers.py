@@ -53,7 +53,7 @@ class RawData:
     files: tuple[Path, ...] = ()  # the files read (recorded in meta.json; a change triggers a fresh prepare)
 
 
-def _require(path: Path, what: str) -> Path:
+def require_file(path: Path, what: str) -> Path:
     if not path.exists():
         raise DataError(f"{path} does not exist; expected {what}")
     if path.is_file() and path.stat().st_size == 0:
@@ -80,7 +80,7 @@ def _first_bad_line(path: Path, sep: str, n_fields: int) -> tuple[int, str]:
     return 1, _line(path, 1)
 
 
-def _read_text_table(path: Path, fields: Sequence[str], what: str, *, sep: str, header: bool = False,
+def read_text_table(path: Path, fields: Sequence[str], what: str, *, sep: str, header: bool = False,
                      data: bytes | None = None, shown_sep: str | None = None,
                      required: Sequence[str] | None = None, quoting: int = csv.QUOTE_NONE) -> pd.DataFrame:
     """Reads a delimited file with the pandas C parser into columns ``fields``; blank lines are skipped. Wrong
@@ -134,7 +134,7 @@ def _read_text_table(path: Path, fields: Sequence[str], what: str, *, sep: str, 
     return df
 
 
-def _numeric(df: pd.DataFrame, col: str, path: Path, *, integer: bool, where: str = "line") -> np.ndarray:
+def numeric_column(df: pd.DataFrame, col: str, path: Path, *, integer: bool, where: str = "line") -> np.ndarray:
     """A column as int64/float64; the first non-numeric (or non-integer, or past 64 bits) value raises DataError
     with its row."""
     values = df[col]
@@ -201,34 +201,34 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _ratings_table(path: Path, source: str) -> RawData:
+def ratings_table(path: Path, source: str) -> RawData:
     """MovieLens ratings: user, item, rating, timestamp (u.data: tab; ratings.dat: '::'; ratings.csv: header)."""
     what = "user item rating timestamp"
-    _require(path, f"the {source} ratings file ({what})")
+    require_file(path, f"the {source} ratings file ({what})")
     if path.name == "ratings.csv":
-        df = _read_text_table(path, ("userId", "movieId", "rating", "timestamp"),
+        df = read_text_table(path, ("userId", "movieId", "rating", "timestamp"),
                               "a header userId,movieId,rating,timestamp", sep=",", header=True,
                               quoting=csv.QUOTE_MINIMAL)
         df.columns = list(RATING_FIELDS)
     elif path.name == "ratings.dat":
         # The C parser takes one-character separators only; '::' -> '\t' keeps the lines (and line numbers) intact.
-        df = _read_text_table(path, RATING_FIELDS, what, sep="\t", data=path.read_bytes().replace(b"::", b"\t"),
+        df = read_text_table(path, RATING_FIELDS, what, sep="\t", data=path.read_bytes().replace(b"::", b"\t"),
                               shown_sep="::")
     else:
-        df = _read_text_table(path, RATING_FIELDS, what, sep="\t")
-    return RawData(users=_numeric(df, "user", path, integer=True), items=_numeric(df, "item", path, integer=True),
-                   ratings=_numeric(df, "rating", path, integer=False),
-                   timestamps=_numeric(df, "timestamp", path, integer=True), files=(path,))
+        df = read_text_table(path, RATING_FIELDS, what, sep="\t")
+    return RawData(users=numeric_column(df, "user", path, integer=True), items=numeric_column(df, "item", path, integer=True),
+                   ratings=numeric_column(df, "rating", path, integer=False),
+                   timestamps=numeric_column(df, "timestamp", path, integer=True), files=(path,))
 
 
 def _ml100k_features(folder: Path) -> tuple[Features, Features, tuple[Path, ...]]:
     """u.user -> [age min-max scaled, gender one-hot, occupation one-hot]; u.item -> the 19 genre flags."""
     hint = "(or set data.side_features=false)"
     upath, ipath = folder / "u.user", folder / "u.item"
-    _require(upath, f"u.user (user|age|gender|occupation|zip) for the side features {hint}")
-    users = _read_text_table(upath, ("user", "age", "gender", "occupation", "zip"), "user|age|gender|occupation|zip",
+    require_file(upath, f"u.user (user|age|gender|occupation|zip) for the side features {hint}")
+    users = read_text_table(upath, ("user", "age", "gender", "occupation", "zip"), "user|age|gender|occupation|zip",
                              sep="|", required=("user", "age", "gender", "occupation"))
-    age = _numeric(users, "age", upath, integer=False)
+    age = numeric_column(users, "age", upath, integer=False)
     gender = users["gender"].astype(str).str.strip()
     if not gender.isin(["M", "F"]).all():
         row = users.index[np.argmax(~gender.isin(["M", "F"]).to_numpy())]
@@ -241,11 +241,11 @@ def _ml100k_features(folder: Path) -> tuple[Features, Features, tuple[Path, ...]
                                *[(occupation == o).to_numpy() for o in occupations]]).astype(np.float32)
     unames = ("age", "gender=F", "gender=M", *(f"occupation={o}" for o in occupations))
 
-    _require(ipath, f"u.item (item|title|release|video release|url|19 genre flags) for the side features {hint}")
+    require_file(ipath, f"u.item (item|title|release|video release|url|19 genre flags) for the side features {hint}")
     fields = ("item", "title", "release", "video_release", "url", *(f"g{j}" for j in range(19)))
-    items = _read_text_table(ipath, fields, "item|title|release date|video release date|IMDb URL|19 genre flags",
+    items = read_text_table(ipath, fields, "item|title|release date|video release date|IMDb URL|19 genre flags",
                              sep="|", required=("item", *fields[5:]))
-    genres = np.column_stack([_numeric(items, f"g{j}", ipath, integer=True) for j in range(19)])
+    genres = np.column_stack([numeric_column(items, f"g{j}", ipath, integer=True) for j in range(19)])
     if not np.isin(genres, (0, 1)).all():
         row = items.index[np.argmax(~np.isin(genres, (0, 1)).all(axis=1))]
         raise DataError(f"{ipath} line {row}: genre flags must be 0 or 1")
@@ -253,14 +253,14 @@ def _ml100k_features(folder: Path) -> tuple[Features, Features, tuple[Path, ...]
     names = [line.split("|")[0] for line in gpath.read_text(encoding="latin-1").splitlines() if line.strip()] \
         if gpath.is_file() else []
     inames = tuple(f"genre={g}" for g in names) if len(names) == 19 else tuple(f"genre_{j}" for j in range(19))
-    return (Features(_unique_ids(users, "user", upath), uvalues, unames, upath),
-            Features(_unique_ids(items, "item", ipath), genres.astype(np.float32), inames, ipath),
+    return (Features(unique_ids(users, "user", upath), uvalues, unames, upath),
+            Features(unique_ids(items, "item", ipath), genres.astype(np.float32), inames, ipath),
             (upath, ipath))
 
 
-def _unique_ids(df: pd.DataFrame, col: str, path: Path) -> np.ndarray:
+def unique_ids(df: pd.DataFrame, col: str, path: Path) -> np.ndarray:
     """The integer ids of a side-feature file, one row per id: a repeated id is a DataError naming both lines."""
-    ids = _numeric(df, col, path, integer=True)
+    ids = numeric_column(df, col, path, integer=True)
     repeated = pd.Series(ids).duplicated().to_numpy()
     if repeated.any():
         at = int(np.argmax(repeated))
@@ -272,7 +272,7 @@ def _unique_ids(df: pd.DataFrame, col: str, path: Path) -> np.ndarray:
 
 def _lightgcn_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """``user item item ...`` per line (a user with no items is allowed) -> parallel (user, item) arrays."""
-    _require(path, "lines 'user item item ...' of integer ids (the LightGCN layout)")
+    require_file(path, "lines 'user item item ...' of integer ids (the LightGCN layout)")
     lines = path.read_text(encoding="latin-1").splitlines()
     parts = [line.split() for line in lines]
     counts = np.array([len(p) for p in parts], dtype=np.int64)
@@ -316,9 +316,9 @@ def _mapped_table(cfg: DataConfig, path: Path) -> RawData:
     """A CSV or Parquet file (or Parquet folder) with the columns named by the config's column map."""
     cols = [c for c in (cfg.user_col, cfg.item_col, cfg.rating_col, cfg.timestamp_col) if c]
     what = f"the columns {cols} (data.user_col, item_col, rating_col, timestamp_col)"
-    _require(path, f"a {cfg.source} file with {what}")
+    require_file(path, f"a {cfg.source} file with {what}")
     if cfg.source == "csv":
-        df = _read_text_table(path, cols, what, sep=cfg.sep, header=True, quoting=csv.QUOTE_MINIMAL)
+        df = read_text_table(path, cols, what, sep=cfg.sep, header=True, quoting=csv.QUOTE_MINIMAL)
         where = "line"
     else:
         try:
@@ -345,14 +345,14 @@ def _mapped_table(cfg: DataConfig, path: Path) -> RawData:
     def ids(col: str) -> np.ndarray:
         values = df[col]
         if pd.api.types.is_integer_dtype(values) or pd.api.types.is_float_dtype(values):
-            return _numeric(df, col, path, integer=True, where=where)
+            return numeric_column(df, col, path, integer=True, where=where)
         return values.astype(str).str.strip().to_numpy(dtype=object)  # string ids, kept as text
 
     timestamps = None
     if cfg.timestamp_col:
         col = df[cfg.timestamp_col]
         if pd.api.types.is_numeric_dtype(col):
-            timestamps = _numeric(df, cfg.timestamp_col, path, integer=False, where=where)
+            timestamps = numeric_column(df, cfg.timestamp_col, path, integer=False, where=where)
         else:
             parsed = pd.to_datetime(col, errors="coerce", utc=True, format="mixed")
             bad = parsed.isna().to_numpy()
@@ -362,7 +362,7 @@ def _mapped_table(cfg: DataConfig, path: Path) -> RawData:
                                 "nor a date/time")
             timestamps = parsed.to_numpy(dtype="datetime64[ns]").astype(np.int64)
     return RawData(users=ids(cfg.user_col), items=ids(cfg.item_col),
-                   ratings=_numeric(df, cfg.rating_col, path, integer=False, where=where) if cfg.rating_col else None,
+                   ratings=numeric_column(df, cfg.rating_col, path, integer=False, where=where) if cfg.rating_col else None,
                    timestamps=timestamps, files=(path,))
 
 
@@ -388,7 +388,7 @@ def load_raw(cfg: DataConfig) -> RawData:
     path = _source_path(cfg)
     if cfg.source in ML_RATINGS:
         folder = path.parent if path.is_file() else path
-        raw = _ratings_table(folder / ML_RATINGS[cfg.source], cfg.source)
+        raw = ratings_table(folder / ML_RATINGS[cfg.source], cfg.source)
         if cfg.source == "ml-100k" and cfg.side_features:
             ufeat, ifeat, files = _ml100k_features(folder)
             raw = RawData(**{**raw.__dict__, "user_features": ufeat, "item_features": ifeat,
