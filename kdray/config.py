@@ -167,6 +167,9 @@ class ServeConfig:
     target_ongoing_requests: int = 16
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    # how requests reach the replicas (kdray/serve/ingress.py; measured in BENCHMARKS.md, "Serving ingress")
+    ingress: Literal["haproxy", "proxy", "direct"] = "haproxy"
+    body_timeout_s: float = 5.0  # a request body not complete by then gets a 408 instead of holding a replica slot
 
 
 @dataclass(frozen=True)
@@ -405,6 +408,7 @@ def validate(cfg: Config) -> Config:
            f"{s.max_batch_size}, or batches never fill")
     _check(1 <= s.min_replicas <= s.max_replicas,
            f"serve.min_replicas/max_replicas: need 1 <= {s.min_replicas} <= {s.max_replicas}")
+    _check(s.body_timeout_s > 0, f"serve.body_timeout_s: {s.body_timeout_s} must be > 0")
     return cfg
 
 
