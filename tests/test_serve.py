@@ -401,3 +401,47 @@ def test_buffered_body_replays_a_whole_body_and_times_out_a_partial_one():
     assert partial[0]["status"] == 408 and b"serve.body_timeout_s" in partial[1]["body"]
     assert time.monotonic() - t0 < 2
     assert run([{"type": "http.disconnect"}]) == []  # a client gone before its body: nothing to answer
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_kdray_serve_console_readme_curl_and_sigterm(tmp_path):
+    """``kdray serve`` as a user runs it (its own local cluster): only kdray's lines on the console, the README's
+    curl example answered verbatim (on a free port instead of 8000), and SIGTERM stopping it as Ctrl-C does."""
+    import os
+    import re
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text()
+    (curl,) = [line.split("  #")[0].strip() for line in readme.splitlines() if line.startswith("curl -s localhost:8000")]
+    ckpt = make_checkpoint(tmp_path / "runs" / "default" / "student")
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(repo), "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "kdray.cli", "serve", "--checkpoint", str(ckpt),
+                             f"runs_dir={tmp_path / 'runs'}", f"serve.port={port}", "serve.num_cpus=0.5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    try:
+        while not any("kdray: serving" in line for line in lines):
+            line = proc.stdout.readline()
+            assert line, f"kdray serve exited: {lines}"
+            lines.append(line)
+        answer = subprocess.run(curl.replace("localhost:8000", f"localhost:{port}"), shell=True, capture_output=True,
+                                text=True, timeout=30)
+        assert '"items"' in answer.stdout and '"cold_start":true' in answer.stdout, answer  # "42" is unknown here
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    console = lines + rest.splitlines(keepends=True)
+    assert proc.returncode == 0, console
+    assert all(line.startswith("kdray: ") for line in console), console  # Ray's lines are in the log file
+    assert "kdray: stopped\n" in console and not any(re.search("Traceback|http_options", x) for x in console)
+    assert (tmp_path / "runs" / "default" / "logs" / "serve.log").stat().st_size > 0
