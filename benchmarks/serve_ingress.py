@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import serve_load as SL  # noqa: E402
 
 from kdray.config import ServeConfig  # noqa: E402
+from kdray.serve.predictor import checkpoint_version  # noqa: E402
 
 MODELS = {"student mf-16": SL.MODELS["student mf-16"], "teacher mf-256": SL.MODELS["teacher mf-256"]}
 PATHS = ("bare", "proxy", "haproxy", "direct")
@@ -91,6 +92,22 @@ def bench_bare(ckpt: Path, users: list[str], concurrency: Sequence[int]) -> list
         proc.join(10)
 
 
+PORT_RANGE = 20  # direct-ingress ports the benchmark's replicas may take
+
+
+def _replica_port(first: int, version: str) -> int:
+    """The direct-ingress port of the replica serving ``version`` (the previous model's may still hold another)."""
+    import requests
+
+    for port in range(first, first + PORT_RANGE):
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).json()["model"]["version"] == version:
+                return port
+        except (requests.RequestException, ValueError, KeyError):
+            continue
+    raise RuntimeError(f"no replica serving {version} on ports {first}..{first + PORT_RANGE - 1}")
+
+
 def _port() -> int:
     import socket
 
@@ -113,13 +130,13 @@ def bench_serve(mode: str, ckpts: dict[tuple[str, str], Path], users: dict[str, 
     # the one replica takes the first port of its range, so the benchmark knows where to send direct requests
     # (a deleted replica's port is normally held back for 150 s; here the next model's replica reuses it at once)
     env.update(RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(replica_port),
-               RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(replica_port + 1), RAY_SERVE_PORT_QUARANTINE_S="0")
+               RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(replica_port + PORT_RANGE), RAY_SERVE_PORT_QUARANTINE_S="0")
     serve.start(http_options={"host": "127.0.0.1", "port": port}, controller_options={"runtime_env": {"env_vars": env}})
     out = {}
     try:
         for (cat, model), ckpt in ckpts.items():
             serve.run(build_app(ckpt, cfg), name=APP_NAME, route_prefix="/")
-            target = replica_port if mode == "direct" else port
+            target = _replica_port(replica_port, checkpoint_version(ckpt)) if mode == "direct" else port
             out[(cat, model)] = measure(f"http://127.0.0.1:{target}/recommend", users[cat], concurrency)
             print(f"  {mode:8s} {cat} {model}: " + ", ".join(
                 f"c={lv['concurrency']} {lv['throughput_rps']:.0f} req/s p50 {lv['p50_ms']:.1f} ms "
