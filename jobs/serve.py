@@ -5,8 +5,9 @@
 
 The checkpoint must be readable on every node (the shared filesystem). By default the job ends once the
 application is deployed and the endpoint stays up, because Serve applications outlive the driver that deployed them;
-``--blocking`` keeps the job running until it is stopped (``ray job stop``). ``serve.host=0.0.0.0`` makes the proxy
-reachable from outside the node (the default, 127.0.0.1, serves only the node itself).
+``--blocking`` keeps the job running until it is stopped (``ray job stop``). ``serve.host=0.0.0.0`` makes the endpoint
+reachable from outside the node (the default, 127.0.0.1, serves only the node itself). The ingress is
+``serve.ingress`` (HAProxy by default) when this job starts Serve; a Serve instance already running keeps its own.
 """
 
 from __future__ import annotations

@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--blocking", action=argparse.BooleanOptionalAction, default=True,
                    help="keep serving until interrupted (default)")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="show Ray's log lines on the console (default: only in RUN/logs/serve.log)")
     return parser
 
 
@@ -75,6 +77,36 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, object_
     else:
         ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory,
                  include_dashboard=False, log_to_driver=log_to_driver, runtime_env=env)
+
+
+def _serve_checkpoint_dir(path: str, run_dir: Path) -> Path:
+    """``path`` if it is a directory, else an error naming the checkpoints that exist under the run directory
+    (``best`` exists only after ``kdray tune``; ``kdray run`` leaves ``student``, ``teacher``, ...)."""
+    p = Path(path)
+    if p.is_dir():
+        return p
+    found = sorted(str(d.parent) for d in run_dir.glob("**/meta.json")) if run_dir.is_dir() else []
+    hint = (f"checkpoints under {run_dir}: {', '.join(found)}" if found
+            else f"no checkpoints under {run_dir} (the run directory): run `kdray run` first")
+    raise KdrayError(f"checkpoint directory {p} does not exist; {hint}")
+
+
+def _ray_logs_to_file(path: Path) -> None:
+    """Ray's driver-side log lines (start-up, Serve's controller messages) go to ``path`` instead of the console,
+    which keeps only kdray's own lines."""
+    import logging
+
+    import ray.serve  # noqa: F401  (configures Serve's driver logger, which is replaced here)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("ray", "ray.serve"):
+        logger = logging.getLogger(name)
+        for old in list(logger.handlers):
+            logger.removeHandler(old)
+        logger.addHandler(handler)
+        logger.propagate = False
 
 
 def _require_dir(path: str, what: str) -> Path:
@@ -109,10 +141,18 @@ def run(argv: Sequence[str] | None = None) -> int:
             print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
         return 0
     if args.command == "serve":
-        from kdray.serve.app import serve_checkpoint
+        from kdray.serve.app import check_checkpoint, serve_checkpoint
+        from kdray.serve.ingress import ingress_env
 
-        ckpt = _require_dir(args.checkpoint, "checkpoint directory")
-        init_ray(args.address)
+        ckpt = check_checkpoint(_serve_checkpoint_dir(args.checkpoint, cfg.run_dir))  # before Ray starts
+        if not args.verbose:
+            log = cfg.run_dir / "logs" / "serve.log"
+            _ray_logs_to_file(log)
+            print(f"kdray: Ray's log lines go to {log} (--verbose shows them here)", flush=True)
+        ingress_env(cfg.serve)  # a missing HAProxy binary too, before Ray starts
+        init_ray(args.address, log_to_driver=args.verbose)
+        if not args.verbose:
+            _ray_logs_to_file(cfg.run_dir / "logs" / "serve.log")  # ray.init may have added its console handler
         serve_checkpoint(ckpt, cfg.serve, blocking=args.blocking)
         return 0
 

@@ -236,6 +236,9 @@ class ServeConfig:
     target_ongoing_requests: Int = 16
     num_cpus: Float = 1.0
     num_gpus: Float = 0.0
+    # how requests reach the replicas (kdray/serve/ingress.py; measured in BENCHMARKS.md, "Serving ingress")
+    ingress: Literal["haproxy", "proxy", "direct"] = "haproxy"
+    body_timeout_s: PosFloat = 5.0  # a request body not complete by then gets a 408 instead of holding a replica slot
 
 
 # ----------------------------------------------------------------------------------------------------------------

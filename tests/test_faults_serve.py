@@ -181,3 +181,42 @@ def test_live_deployment_answers_hostile_bodies_with_4xx(ray_cluster, tmp_path):
         serve.delete(APP_NAME)
     finally:
         serve.shutdown()
+
+
+@pytest.mark.ray
+def test_incomplete_bodies_do_not_starve_the_endpoint(ray_cluster, tmp_path):
+    """80 connections announce ``Content-Length: 100`` and send 15 bytes; with only 8 request slots on the replica,
+    ``/healthz`` and valid requests still answer at once, and each stalled client gets a 408 after
+    ``serve.body_timeout_s`` (the first-hour issue: ~40 s of timeouts through Serve's proxy)."""
+    import socket
+
+    requests = pytest.importorskip("requests")
+    from ray import serve
+
+    from kdray.serve.app import APP_NAME, serve_checkpoint
+
+    port = _soak_module().free_port()
+    cfg = ServeConfig(port=port, max_k=5, max_batch_size=4, max_ongoing_requests=8, min_replicas=1, max_replicas=1,
+                      num_cpus=0.25, body_timeout_s=4.0)
+    base = f"http://127.0.0.1:{port}"
+    attackers: list[socket.socket] = []
+    try:
+        serve_checkpoint(make_checkpoint(tmp_path / "ckpt"), cfg, blocking=False)
+        for _ in range(80):
+            s = socket.create_connection(("127.0.0.1", port), timeout=15)
+            s.sendall(b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n" + b'{"user_id": "u1"')  # 15 of the 100 bytes
+            attackers.append(s)
+        time.sleep(0.5)
+        started = time.monotonic()
+        assert requests.get(f"{base}/healthz", timeout=3).status_code == 200
+        r = requests.post(f"{base}/recommend", json={"user_id": "u0", "k": 2}, timeout=3)
+        assert r.status_code == 200, r.text
+        assert time.monotonic() - started < 3  # well before any stalled body times out
+        answers = [s.recv(200) for s in attackers[:5]]  # bounded: socket timeout 15 s
+        assert all(a.startswith(b"HTTP/1.1 408") for a in answers), answers
+        serve.delete(APP_NAME)
+    finally:
+        for s in attackers:
+            s.close()
+        serve.shutdown()

@@ -170,6 +170,11 @@ def test_serve_routes_bad_requests_and_zero_downtime_redeploy(ray_cluster, ckpt,
 
         health = http.get(f"{base}/healthz", timeout=10)
         assert health.status_code == 200 and health.json()["model"]["version"] == v1_version
+        assert http.head(f"{base}/healthz", timeout=10).status_code == 200  # load balancers probe with HEAD
+        # curl -d sends a form content type; the body is JSON all the same
+        form = http.post(f"{base}/recommend", data=b'{"user_id": "u0", "k": 2}',
+                         headers={"content-type": "application/x-www-form-urlencoded"}, timeout=10)
+        assert form.status_code == 200 and form.json()["user_id"] == "u0", form.text
 
         r = http.post(f"{base}/recommend", json={"user_id": "u0", "k": 3}, timeout=10)
         assert r.status_code == 200, r.text
@@ -217,6 +222,8 @@ def test_serve_routes_bad_requests_and_zero_downtime_redeploy(ray_cluster, ckpt,
             "k over catalog": ("/recommend/batch", {"user_ids": ["u0"], "k": 11}, "k"),
             "user_id missing": ("/recommend", {"k": 2}, "user_id"),
             "user_id a list": ("/recommend", {"user_id": ["u0"], "k": 2}, "user_id"),
+            "int user_id over 256 digits": ("/recommend", {"user_id": 10 ** 256, "k": 2}, "user_id"),
+            "str user_id over 256 chars": ("/recommend", {"user_id": "u" * 257, "k": 2}, "user_id"),
             "exclude_seen not bool": ("/recommend", {"user_id": "u0", "k": 2, "exclude_seen": "yes"}, "exclude_seen"),
             "unknown field": ("/recommend", {"user_id": "u0", "kk": 2}, "kk"),
             "batch over limit": ("/recommend/batch", {"user_ids": ["u0", "u1", "u3", "u4"], "k": 2}, "user_ids"),
@@ -300,3 +307,141 @@ def test_shipped_serve_yaml_is_a_valid_serve_config_that_builds_the_app(ckpt):
         builder({"checkpoint": str(ckpt), "port": 1})
     with pytest.raises(CheckpointError, match="does not exist"):
         builder({"checkpoint": str(ckpt.parent / "missing")})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Before Ray: checkpoint checks, the ingress environment, the body middleware (no cluster needed)
+
+
+def test_missing_checkpoint_names_the_checkpoints_of_the_run(tmp_path, capsys):
+    from kdray.cli import main
+
+    make_checkpoint(tmp_path / "runs" / "default" / "student")
+    make_checkpoint(tmp_path / "runs" / "default" / "teacher")
+    code = main(["serve", "--checkpoint", str(tmp_path / "runs/default/best"), f"runs_dir={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "best does not exist" in err
+    assert "runs/default/student" in err and "runs/default/teacher" in err
+    code = main(["serve", "--checkpoint", str(tmp_path / "nope"), f"runs_dir={tmp_path / 'empty'}"])
+    assert code == 2 and "no checkpoints under" in capsys.readouterr().err
+
+
+def test_empty_weights_file_is_refused_with_a_reason_before_ray_starts(tmp_path, capsys, monkeypatch):
+    from kdray import cli
+    from kdray.cli import main
+
+    monkeypatch.setattr(cli, "init_ray", lambda *a, **k: pytest.fail("Ray started before the checkpoint check"))
+
+    ckpt = make_checkpoint(tmp_path / "student")
+    (ckpt / "model.pt").write_bytes(b"")
+    assert main(["serve", "--checkpoint", str(ckpt), f"runs_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "model.pt cannot be loaded: the file is empty (0 bytes)" in err
+    (ckpt / "model.pt").write_bytes(b"\x00" * 10)  # truncated: torch's message is the reason
+    assert main(["serve", "--checkpoint", str(ckpt), f"runs_dir={tmp_path}"]) == 2
+    assert "cannot be loaded: " in (err := capsys.readouterr().err) and not err.rstrip().endswith(":")
+
+
+@pytest.mark.parametrize("mode", ["proxy", "direct", "haproxy"])
+def test_ingress_env_selects_the_serve_mode(mode, monkeypatch):
+    from kdray.serve.ingress import ingress_env
+
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
+    env = ingress_env(ServeConfig(ingress=mode, body_timeout_s=2.5))
+    assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "kdray.serve.ingress:http_middlewares"
+    assert env["KDRAY_SERVE_BODY_TIMEOUT_S"] == "2.5"
+    assert ("RAY_SERVE_ENABLE_DIRECT_INGRESS" in env) == (mode != "proxy")
+    assert ("RAY_SERVE_ENABLE_HA_PROXY" in env) == (mode == "haproxy")
+    if mode == "haproxy":  # its fixed ports (8404, 9101, 8500) would clash with another Serve on the machine
+        assert int(env["RAY_SERVE_HAPROXY_STATS_PORT"]) not in (8404, 8500, 9101)
+
+
+def test_haproxy_mode_without_a_binary_says_how_to_get_one(monkeypatch, tmp_path):
+    from kdray.serve.ingress import ingress_env
+
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(tmp_path / "no-haproxy"))
+    with pytest.raises(ConfigError, match="apt-get install haproxy"):
+        ingress_env(ServeConfig(ingress="haproxy"))
+    assert "RAY_SERVE_ENABLE_HA_PROXY" not in ingress_env(ServeConfig(ingress="proxy"))
+    with pytest.raises(ConfigError, match="serve.ingress"):
+        from kdray.config import from_dict
+
+        from_dict({"serve": {"ingress": "nginx"}})
+
+
+def test_buffered_body_replays_a_whole_body_and_times_out_a_partial_one():
+    import asyncio
+
+    from kdray.serve.ingress import BufferedBody
+
+    async def app(scope, receive, send):  # echoes the body it reads
+        message = await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": message["body"]})
+
+    def run(chunks: list[dict]) -> list[dict]:
+        sent: list[dict] = []
+
+        async def receive():
+            if chunks:
+                return chunks.pop(0)
+            await asyncio.sleep(10)  # a client that stops sending
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(BufferedBody(app, timeout_s=0.2)({"type": "http"}, receive, send))
+        return sent
+
+    whole = run([{"type": "http.request", "body": b"ab", "more_body": True},
+                 {"type": "http.request", "body": b"c", "more_body": False}])
+    assert whole[0]["status"] == 200 and whole[1]["body"] == b"abc"
+    t0 = time.monotonic()
+    partial = run([{"type": "http.request", "body": b"{", "more_body": True}])
+    assert partial[0]["status"] == 408 and b"serve.body_timeout_s" in partial[1]["body"]
+    assert time.monotonic() - t0 < 2
+    assert run([{"type": "http.disconnect"}]) == []  # a client gone before its body: nothing to answer
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_kdray_serve_console_readme_curl_and_sigterm(tmp_path):
+    """``kdray serve`` as a user runs it (its own local cluster): only kdray's lines on the console, the README's
+    curl example answered verbatim (on a free port instead of 8000), and SIGTERM stopping it as Ctrl-C does."""
+    import os
+    import re
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text()
+    (curl,) = [line.split("  #")[0].strip() for line in readme.splitlines() if line.startswith("curl -s localhost:8000")]
+    ckpt = make_checkpoint(tmp_path / "runs" / "default" / "student")
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(repo), "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "kdray.cli", "serve", "--checkpoint", str(ckpt),
+                             f"runs_dir={tmp_path / 'runs'}", f"serve.port={port}", "serve.num_cpus=0.5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    try:
+        while not any("kdray: serving" in line for line in lines):
+            line = proc.stdout.readline()
+            assert line, f"kdray serve exited: {lines}"
+            lines.append(line)
+        answer = subprocess.run(curl.replace("localhost:8000", f"localhost:{port}"), shell=True, capture_output=True,
+                                text=True, timeout=30)
+        assert '"items"' in answer.stdout and '"cold_start":true' in answer.stdout, answer  # "42" is unknown here
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    console = lines + rest.splitlines(keepends=True)
+    assert proc.returncode == 0, console
+    assert all(line.startswith("kdray: ") for line in console), console  # Ray's lines are in the log file
+    assert "kdray: stopped\n" in console and not any(re.search("Traceback|http_options", x) for x in console)
+    assert (tmp_path / "runs" / "default" / "logs" / "serve.log").stat().st_size > 0

@@ -6,17 +6,20 @@ Routes (relative to ``serve.route_prefix``):
                            -> {"user_id", "items": [{"item_id", "score"}], "cold_start", "model": {"name", "version"}}
     POST /recommend/batch  {"user_ids": [42, "u7"], "k": 10, "exclude_seen": true}
                            -> {"results": [{"user_id", "items", "cold_start"}], "model": {"name", "version"}}
-    GET  /healthz          -> {"status": "ok", "model": {"name", "version"}}
+    GET  /healthz          -> {"status": "ok", "model": {"name", "version"}}  (HEAD too: load balancers probe with it)
     GET  /model            -> architecture, parameters, metrics, creation time, teacher lineage, version, and the
                               answering replica's @serve.batch counters (batches, batched_requests)
     GET  /docs             OpenAPI (Swagger) page; the schema is at /openapi.json
 
 Single requests go through ``@serve.batch``: concurrent requests on one replica are scored by one ``score_all`` call.
-Client mistakes are 422 with FastAPI's error shape (``detail[].loc`` names the field), never a 5xx.
+A POST body is read as JSON whatever its content type (``curl -d`` sends a form type). Client mistakes are 422 with
+FastAPI's error shape (``detail[].loc`` names the field), never a 5xx; a body that is not JSON at all (invalid UTF-8,
+nesting deeper than the parser allows, an integer over 4,300 digits) is a 400, and one that does not arrive within
+``serve.body_timeout_s`` a 408 (:mod:`kdray.serve.ingress`, which also picks how requests reach the replicas).
 
 Three ways to run it, all binding 127.0.0.1 unless told otherwise:
 
-    kdray serve --checkpoint RUN/best [--address ADDR] [serve.port=8000 ...]
+    kdray serve --checkpoint RUN/student [--address ADDR] [serve.port=8000 serve.ingress=haproxy ...]
     serve run configs/serve.yaml          # edit applications[0].args.checkpoint first
     serve deploy configs/serve.yaml       # onto a running cluster (the checkpoint must be readable on its nodes)
 
@@ -29,6 +32,8 @@ being answered, each naming the version that answered it. The cluster needs room
 # No `from __future__ import annotations` here: FastAPI reads the route signatures' annotations as objects, and Serve's
 # ingress wrapper re-creates the methods where string annotations no longer resolve (a body becomes a query field).
 import logging
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any, Union
@@ -37,14 +42,15 @@ import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, StringConstraints
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from kdray import __version__
 from kdray.checkpoint import load_checkpoint
 from kdray.config import ServeConfig, from_dict
-from kdray.errors import ConfigError
+from kdray.errors import CheckpointError, ConfigError
+from kdray.serve.ingress import ingress_env
 from kdray.serve.predictor import Query, Recommendation, Recommender, RequestError
 
 logger = logging.getLogger(__name__)
@@ -58,8 +64,18 @@ ROLLING_UPDATE_SURGE_PERCENT = 25
 # ----------------------------------------------------------------------------------------------------------------
 # Request and response schemas (they are also the OpenAPI documentation at /docs)
 
+MAX_ID_LENGTH = 256  # characters of a string id, digits of an integer id
+
+
+def _short_int(value: int) -> int:
+    if len(str(abs(value))) > MAX_ID_LENGTH:
+        raise ValueError(f"an integer user id has at most {MAX_ID_LENGTH} digits")
+    return value
+
+
 UserId = Annotated[
-    Union[StrictInt, Annotated[StrictStr, StringConstraints(max_length=256)]],
+    Union[Annotated[StrictInt, AfterValidator(_short_int)],
+          Annotated[StrictStr, StringConstraints(max_length=MAX_ID_LENGTH)]],
     Field(description="raw user id as in the training data; an int is looked up as its decimal string"),
 ]
 K = Annotated[StrictInt, Field(ge=1, description="number of items to return (at most the catalog and serve.max_k)")]
@@ -135,6 +151,24 @@ api = FastAPI(
 )
 
 
+class JsonBody:
+    """ASGI middleware: a POST body is JSON whatever content type the client named. ``curl -d`` sends
+    ``application/x-www-form-urlencoded``, which FastAPI would parse as a form and refuse with "Input should be a
+    valid dictionary"; the API has no form routes, so the header is rewritten instead."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
+api.add_middleware(JsonBody)
+
+
 def _json_safe(value: Any) -> Any:
     """``value`` with what JSON (UTF-8, finite numbers) cannot carry made printable: a lone surrogate in a string
     becomes its escape, NaN and infinities their repr, anything else unknown its str."""
@@ -207,7 +241,7 @@ class RecommenderDeployment:
         recs = self.predictor.recommend(body.user_ids, body.k, body.exclude_seen)
         return {"results": [_user_dict(r) for r in recs], "model": self.model_ref}
 
-    @api.get("/healthz", response_model=Health)
+    @api.api_route("/healthz", methods=["GET", "HEAD"], response_model=Health)
     async def healthz(self) -> dict[str, Any]:
         return {"status": "ok", "model": self.model_ref}
 
@@ -238,12 +272,27 @@ def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
     }
 
 
+def check_checkpoint(checkpoint_dir: str | Path) -> Path:
+    """Loads the checkpoint once, without Ray, and returns its absolute path: a missing or corrupt one raises a
+    :class:`kdray.errors.CheckpointError` naming the file and the reason, instead of failing every replica start."""
+    path = Path(checkpoint_dir).expanduser().resolve()
+    weights = path / "model.pt"
+    if weights.is_file() and weights.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint weights {weights} cannot be loaded: the file is empty (0 bytes), so the "
+                              "checkpoint was not written completely; export or train it again")
+    try:
+        load_checkpoint(path)
+    except CheckpointError as e:
+        if str(e).endswith(": "):  # a loader error without a message of its own
+            raise CheckpointError(f"{e}the file is truncated or not a kdray checkpoint") from None
+        raise
+    return path
+
+
 def build_app(checkpoint_dir: str | Path, serve_cfg: ServeConfig = ServeConfig()) -> serve.Application:
     """The Serve application for one checkpoint (for ``serve.run``; ``serve run`` YAML files use
-    :func:`app_builder`). The checkpoint is loaded here once, so a missing or corrupt one raises a
-    :class:`kdray.errors.CheckpointError` naming the file instead of failing every replica start."""
-    path = Path(checkpoint_dir).expanduser().resolve()
-    load_checkpoint(path)
+    :func:`app_builder`), checked first by :func:`check_checkpoint`."""
+    path = check_checkpoint(checkpoint_dir)
     return RecommenderDeployment.options(**deployment_options(serve_cfg)).bind(str(path), serve_cfg)
 
 
@@ -265,23 +314,39 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     return build_app(args["checkpoint"], cfg)
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (``docker stop``, systemd) stops the endpoint as Ctrl-C does; Ray's own handler would exit at once."""
+    if threading.current_thread() is threading.main_thread():
+        def handler(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, handler)
+
+
 def serve_checkpoint(ckpt_dir: Path, cfg: ServeConfig, blocking: bool = True) -> DeploymentHandle:
     """Deploys ``ckpt_dir`` as the application ``kdray`` on the connected Ray cluster, listening on
-    ``cfg.host:cfg.port``. If the application is already running, this is a zero-downtime model update.
+    ``cfg.host:cfg.port`` through ``cfg.ingress``. If the application is already running, this is a zero-downtime
+    model update.
 
-    With ``blocking`` it serves until interrupted (Ctrl-C), then deletes the application; otherwise it returns
-    as soon as the new version is live and leaves it running."""
+    With ``blocking`` it serves until interrupted (Ctrl-C or SIGTERM), then deletes the application; otherwise it
+    returns as soon as the new version is live and leaves it running."""
     app = build_app(ckpt_dir, cfg)
-    # The HTTP options apply when Serve starts on a cluster; a Serve instance already running keeps its own.
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    # HTTP options and the ingress mode (environment of the Serve controller, which its proxies and replicas
+    # inherit) apply when Serve starts on a cluster; a Serve instance already running keeps its own.
+    serve.start(http_options={"host": cfg.host, "port": cfg.port},
+                controller_options={"runtime_env": {"env_vars": ingress_env(cfg)}})
     handle = serve.run(app, name=APP_NAME, route_prefix=cfg.route_prefix)
     url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
-    print(f"kdray: serving {ckpt_dir} at {url}/recommend (API docs: {url}/docs)", flush=True)
+    print(f"kdray: serving {ckpt_dir} at {url}/recommend (API docs: {url}/docs, ingress: {cfg.ingress})", flush=True)
     if blocking:
+        _interrupt_on_sigterm()
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
+            # Not waiting for the replicas to drain: a cluster started by this process ends with it, and on a
+            # cluster of its own the controller finishes the deletion.
             print("kdray: stopping the endpoint", flush=True)
-            serve.delete(APP_NAME)
+            serve.delete(APP_NAME, _blocking=False)
+            print("kdray: stopped", flush=True)
     return handle
