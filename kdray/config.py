@@ -153,6 +153,32 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class TeacherSearchConfig:
+    """``kdray run``'s teacher-tuning stage: a small Tune search over the teacher's lr and regularisation, picked on
+    validation (kdray/tune/teacher.py); the ensemble's other teachers reuse the winning settings with other seeds.
+    ASHA, concurrency and the searcher come from ``tune``."""
+
+    enabled: bool = True
+    num_samples: int = 4
+    space: dict[str, Any] = field(default_factory=dict)  # teacher_train key -> domain, merged over TEACHER_SPACE
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """``kdray study``: the equal-budget protocol (kdray/tune/study.py). Teacher, student alone and distilled student
+    each get ``num_samples`` trials over the same training space, then each winner is retrained with every seed."""
+
+    dataset: str = ""  # label of benchmarks/results/<dataset>-d<dim>.json ("" = data.source)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    num_samples: int = 8
+    epochs: int = 60  # every arm trains at most this many epochs ...
+    patience: int = 10  # ... and stops after this many without validation improvement
+    space: dict[str, Any] = field(default_factory=dict)  # training key -> domain, merged over TRAIN_SPACE
+    distill_space: dict[str, Any] = field(default_factory=dict)  # distill.* key -> domain, over DISTILL_STUDY_SPACE
+    results_dir: str = "benchmarks/results"
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -184,6 +210,8 @@ class Config:
     ray: RayConfig = RayConfig()
     eval: EvalConfig = EvalConfig()
     tune: TuneConfig = TuneConfig()
+    teacher_search: TeacherSearchConfig = TeacherSearchConfig()  # issue 11: kdray run tunes its teacher
+    study: StudyConfig = StudyConfig()  # issue 11: the equal-budget study
     serve: ServeConfig = ServeConfig()
 
     @property
@@ -395,6 +423,16 @@ def validate(cfg: Config) -> Config:
     _check(tu.grace_period >= 1, f"tune.grace_period: {tu.grace_period} must be >= 1")
     _check(tu.reduction_factor >= 2, f"tune.reduction_factor: {tu.reduction_factor} must be >= 2")
     _check(0 < tu.max_params_ratio, f"tune.max_params_ratio: {tu.max_params_ratio} must be > 0")
+
+    ts, st = cfg.teacher_search, cfg.study
+    _check(ts.num_samples >= 1, f"teacher_search.num_samples: {ts.num_samples} must be >= 1")
+    _check(len(st.seeds) >= 1 and len(set(st.seeds)) == len(st.seeds),
+           f"study.seeds: {list(st.seeds)} must be distinct seeds, at least one")
+    _check(st.num_samples >= 1, f"study.num_samples: {st.num_samples} must be >= 1")
+    _check(st.epochs >= 1 and st.patience >= 0, f"study.epochs / study.patience: {st.epochs} / {st.patience} "
+                                                "must be >= 1 / >= 0")
+    _check("/" not in st.dataset and st.dataset not in (".", ".."),
+           f"study.dataset: {st.dataset!r} must be a file-name label without '/'")
 
     s = cfg.serve
     _check(0 < s.port < 65536, f"serve.port: {s.port} must be in 1..65535")
