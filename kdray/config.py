@@ -171,7 +171,7 @@ class StudyConfig:
     dataset: str = ""  # label of benchmarks/results/<dataset>-d<dim>.json ("" = data.source)
     seeds: tuple[int, ...] = (0, 1, 2)
     num_samples: int = 8
-    epochs: int = 60  # every arm trains at most this many epochs ...
+    epochs: int = 100  # every arm trains at most this many epochs (the default student peaks at 80-95) ...
     patience: int = 10  # ... and stops after this many without validation improvement
     space: dict[str, Any] = field(default_factory=dict)  # training key -> domain, merged over TRAIN_SPACE
     distill_space: dict[str, Any] = field(default_factory=dict)  # distill.* key -> domain, over DISTILL_STUDY_SPACE
