@@ -49,8 +49,8 @@ def _pm(mean: float, std: float) -> str:
 def dataset_table(results: list[dict[str, Any]]) -> str:
     """One row per student size: every number from the study's per-seed lists (:func:`kdray.tune.study.compare`)."""
     metric = results[0]["metric"]
-    lines = [f"| student dim | params (student / teacher) | teacher {metric} | alone | distilled | gain | "
-             "gap recovered | gain > 2x seed std | teacher > alone on valid | seeds | trials per arm |",
+    lines = [(f"| student dim | params (student / teacher) | teacher {metric} | alone | distilled | gain | "
+              "gap recovered | gain > 2x seed std | teacher > alone on valid | seeds | trials per arm |"),
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         c = compare(r["arms"]["teacher"], r["arms"]["alone"], r["arms"]["distilled"])
@@ -124,8 +124,9 @@ def block(by_dataset: dict[str, list[dict[str, Any]]], results_dir: Path) -> str
             png = (results_dir / f"{dataset}-frontier.png").resolve().relative_to(ROOT)
         except ValueError:
             png = results_dir / f"{dataset}-frontier.png"
-        parts += [f"\n### {dataset}\n", dataset_table(results), "\nThe compression frontier (every point tuned with "
-                  f"the same budget):\n", "\n".join(table), f"\n![{dataset} frontier]({png})\n", "Commands:\n"]
+        frontier_intro = "\nThe compression frontier (every point tuned with the same budget):\n"
+        parts += [f"\n### {dataset}\n", dataset_table(results), frontier_intro, "\n".join(table),
+                  f"\n![{dataset} frontier]({png})\n", "Commands:\n"]
         parts += [f"    {r['command']}" for r in results if r.get("command")]
     parts.append(END)
     return "\n".join(parts) + "\n"

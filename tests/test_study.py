@@ -17,7 +17,6 @@ import pytest
 
 from kdray.cli import main
 from kdray.config import load_config
-from kdray.errors import ConfigError
 from kdray.tune.study import compare, mean_std, study_config, study_spaces
 from kdray.tune.teacher import teacher_note
 
@@ -135,7 +134,7 @@ def test_report_script_writes_the_tables_between_the_markers_and_the_frontier(tm
     text = bench.read_text()
     assert text.startswith("# before\n") and text.endswith("## after\n") and "old table" not in text
     assert text.count(report.BEGIN) == text.count(report.END) == 1
-    rows = [line for line in text.splitlines() if line.startswith("| 4 |") or line.startswith("| 8 |")]
+    rows = [line for line in text.splitlines() if line.startswith(("| 4 |", "| 8 |"))]
     assert [r.split(" | ")[0] for r in rows] == ["| 4", "| 8"]  # smallest student first
     # d8: gain 0.05, gap 0.08 -> 62.5%, 0.05 > 2 x 0.02: yes; the teacher did not beat it on validation
     assert "| 0.2200 ± 0.0200 | 0.2700 ± 0.0100 | +0.0500 | 62.5% | yes | **no** | 3 | 8 |" in rows[1]

@@ -39,9 +39,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import ray
 from ray import tune
@@ -136,9 +137,8 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], arm: str, data_dir: 
 
     from kdray.config import from_dict
     from kdray.data.prepare import load_prepared
-    from kdray.train.driver import train_model
-
     from kdray.pipeline import stage_key_of
+    from kdray.train.driver import train_model
 
     cfg = trial_config(from_dict(base), params, arm)
     trial_id = tune.get_context().get_trial_id()

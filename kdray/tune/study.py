@@ -36,8 +36,9 @@ import math
 import shutil
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from kdray.checkpoint import load_checkpoint, stage_key
 from kdray.config import Config, fingerprint, replace, to_dict

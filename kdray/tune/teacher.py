@@ -21,8 +21,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from kdray.config import Config, fingerprint, replace, to_dict
 from kdray.errors import KdrayError
