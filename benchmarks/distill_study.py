@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kdray.cli import init_ray  # noqa: E402
 from kdray.config import load_config, replace  # noqa: E402
 from kdray.evaluate import evaluate_checkpoint  # noqa: E402
-from kdray.pipeline import alone, prepare_data, train_stage, train_teachers  # noqa: E402
+from kdray.distill import without_distillation  # noqa: E402
+from kdray.pipeline import prepare_data, train_stage, train_teachers  # noqa: E402
 
 # name -> overrides of the distillation section (the student and its training settings stay the same)
 SETTINGS: dict[str, dict] = {
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
                 out = train_stage(scfg, "student", data, cfg.run_dir / f"student-{slug}", teachers_for)
                 record(label, evaluate_checkpoint(out, data, ks=ks, write=False))
         # the control last, so that an --only-control run started beside this one has finished it by then
-        control = train_stage(alone(cfg), "student", data, cfg.run_dir / "student_alone", [])
+        control = train_stage(without_distillation(cfg), "student", data, cfg.run_dir / "student_alone", [])
         record("student alone", evaluate_checkpoint(control, data, ks=ks, write=False))
 
     if a.only_control:

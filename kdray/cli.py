@@ -6,6 +6,7 @@
     kdray distill  --teacher CKPT [--teacher CKPT ...] [--config FILE] [key=value ...]
     kdray eval     --checkpoint CKPT [--config FILE] [key=value ...]
     kdray tune     [--config FILE] [--resume] [key=value ...]
+    kdray study    [--config FILE] [--resume] [key=value ...]   the equal-budget study: teacher, alone, distilled
     kdray serve    --checkpoint CKPT [--config FILE] [key=value ...]
 
 Every command takes ``--address`` (or ``RAY_ADDRESS``) to run on an existing Ray cluster; without it a local cluster
@@ -44,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p = sub.add_parser("tune", parents=[common], help="Ray Tune search over distillation settings")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    p = sub.add_parser("study", parents=[common], help="equal-budget study: teacher, student alone and distilled "
+                       "student, each tuned with the same Ray Tune budget, winners retrained over seeds")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted study")
     p = sub.add_parser("serve", parents=[common], help="serve a checkpoint behind an HTTP endpoint (Ray Serve)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--blocking", action=argparse.BooleanOptionalAction, default=True,
@@ -117,6 +121,7 @@ def _require_dir(path: str, what: str) -> Path:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     # Imports after parsing so `kdray --help` is instant and config errors come before Ray starts.
     from kdray.config import load_config
@@ -180,6 +185,12 @@ def run(argv: Sequence[str] | None = None) -> int:
         from kdray.tune.search import run_search
 
         run_search(cfg, resume=args.resume)
+    elif args.command == "study":
+        import shlex
+
+        from kdray.tune.study import run_study
+
+        run_study(cfg, resume=args.resume, command=shlex.join(["kdray", *argv]))
     return 0
 
 

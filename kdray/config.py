@@ -222,6 +222,36 @@ class TuneConfig:
 
 
 @section
+class TeacherSearchConfig:
+    """``kdray run``'s teacher-tuning stage: a small Tune search over the teacher's lr and regularisation, picked on
+    validation (kdray/tune/teacher.py); the ensemble's other teachers reuse the winning settings with other seeds.
+    ASHA, concurrency and the searcher come from ``tune``."""
+
+    enabled: Bool = True
+    num_samples: Count = 4
+    space: dict[Str, Any] = dataclasses.field(default_factory=dict)  # teacher_train key -> domain, over TEACHER_SPACE
+
+
+@section
+class StudyConfig:
+    """``kdray study``: the equal-budget protocol (kdray/tune/study.py). Teacher, student alone and distilled student
+    each get ``num_samples`` trials over the same training space, then each winner is retrained with every seed."""
+
+    # label of benchmarks/results/<dataset>-d<dim>.json ("" = data.source)
+    dataset: Annotated[Str, _rule(lambda n: "/" not in n and n not in (".", ".."),
+                                  "must be a file-name label without '/'")] = ""
+    seeds: Annotated[tuple[Int, ...], _list_of(), _rule(lambda s: len(s) >= 1 and len(set(s)) == len(s),
+                                                        "must be distinct seeds, at least one")] = (0, 1, 2)
+    num_samples: Count = 8
+    epochs: Count = 100  # every arm trains at most this many epochs (the default student peaks at 80-95) ...
+    patience: NonNegInt = 10  # ... and stops after this many without validation improvement
+    space: dict[Str, Any] = dataclasses.field(default_factory=dict)  # training key -> domain, over TRAIN_SPACE
+    # distill.* key -> domain, over DISTILL_STUDY_SPACE
+    distill_space: dict[Str, Any] = dataclasses.field(default_factory=dict)
+    results_dir: Str = "benchmarks/results"
+
+
+@section
 class ServeConfig:
     host: Str = "127.0.0.1"
     port: Annotated[Int, _rule(lambda v: 0 < v < 65536, "must be in 1..65535")] = 8000
@@ -274,6 +304,8 @@ class Config:
     eval: EvalConfig = _default(EvalConfig)
     tune: TuneConfig = _default(TuneConfig)
     serve: ServeConfig = _default(ServeConfig)
+    teacher_search: TeacherSearchConfig = _default(TeacherSearchConfig)  # kdray run tunes its teacher
+    study: StudyConfig = _default(StudyConfig)  # kdray study: the equal-budget protocol
 
     @property
     def run_dir(self) -> Path:

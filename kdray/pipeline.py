@@ -32,6 +32,7 @@ from kdray.distill import without_distillation
 from kdray.evaluate import evaluate_checkpoint
 from kdray.layout import RunLayout, atomic_write_text
 from kdray.train.driver import train_model
+from kdray.tune.teacher import teacher_note, tuning_labels
 
 TABLE_METRICS = ("recall@10", "ndcg@10", "hr@10", "mrr@10")
 
@@ -46,7 +47,7 @@ def prepare_data(cfg: Config) -> PreparedData:
     return prepare(cfg.data, RunLayout(cfg.run_dir).data)
 
 
-def _stage_key(cfg: Config, role: str, teachers: list[Path]) -> str:
+def stage_key_of(cfg: Config, role: str, teachers: list[Path]) -> str:
     """What a stage's result depends on; an exported checkpoint with the same key is reused."""
     if role == "teacher":
         parts: Any = [to_dict(cfg.data), to_dict(cfg.teacher), to_dict(cfg.teacher_train)]
@@ -61,7 +62,7 @@ def train_stage(cfg: Config, role: str, data: PreparedData, out_dir: Path,
                 teachers: list[Path] | None = None, log=print) -> Path:
     """Trains (or reuses) one model and returns its exported checkpoint directory."""
     teachers = teachers or []
-    key = _stage_key(cfg, role, teachers)
+    key = stage_key_of(cfg, role, teachers)
     if stage_key(out_dir) == key:
         log(f"[{out_dir.name}] reusing {out_dir} (same settings)")
         return out_dir
@@ -71,7 +72,13 @@ def train_stage(cfg: Config, role: str, data: PreparedData, out_dir: Path,
 
 
 def train_teachers(cfg: Config, data: PreparedData, log=print) -> list[Path]:
-    """One teacher, or ``distill.n_teachers`` of them with consecutive seeds (an ensemble)."""
+    """One teacher, or ``distill.n_teachers`` of them with consecutive seeds (an ensemble). With
+    ``teacher_search.enabled`` (the default) their training settings are the winner of a small Tune search on
+    validation, whose winning trial is the first teacher (kdray.tune.teacher)."""
+    if cfg.teacher_search.enabled:
+        from kdray.tune.teacher import tuned_teacher
+
+        cfg = tuned_teacher(cfg, data, log)
     n = cfg.distill.n_teachers
     out = []
     for i in range(n):
@@ -98,6 +105,7 @@ def run_pipeline(cfg: Config, log=print) -> RunReport:
     student = train_stage(cfg, "student", data, layout.student, teachers, log)
     control = train_stage(without_distillation(cfg), "student", data, layout.student_alone, [], log)
 
+    tuning = tuning_labels(cfg, len(teachers))
     rows = []
     for label, path in [*((p.name, p) for p in teachers), ("student (distilled)", student),
                         ("student (alone)", control)]:
@@ -105,7 +113,8 @@ def run_pipeline(cfg: Config, log=print) -> RunReport:
         metrics = evaluate_checkpoint(path, data, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size)
         trained = load_checkpoint(path).metrics
         rows.append({"model": label, "path": str(path), **metrics, "train_seconds": trained.get("train_seconds"),
-                     "best_epoch": trained.get("best_epoch")})
+                     "best_epoch": trained.get("best_epoch"), "tuning": tuning[label],
+                     f"valid_{cfg.select_metric}": trained.get(f"valid_{cfg.select_metric}")})
     teacher_params = rows[0]["n_params"]
     for row in rows:
         row["compression"] = row["n_params"] / teacher_params
@@ -114,7 +123,9 @@ def run_pipeline(cfg: Config, log=print) -> RunReport:
                "data": {"n_users": data.n_users, "n_items": data.n_items, "train": data.train.nnz,
                         "valid": data.valid.nnz, "test": data.test.nnz}}
     atomic_write_text(layout.metrics, json.dumps(summary, indent=2) + "\n")
-    table = format_table(rows)
+    note = teacher_note(cfg.select_metric, [r[f"valid_{cfg.select_metric}"] for r in rows[:len(teachers)]],
+                        rows[-1][f"valid_{cfg.select_metric}"])
+    table = format_table(rows) + (f"\n\n{note}" if note else "")
     atomic_write_text(layout.report, _report(cfg, data, table, seconds))
     log("\n" + table)
     log(f"\nrun directory: {cfg.run_dir}  ({seconds:.0f} s)")
@@ -123,12 +134,12 @@ def run_pipeline(cfg: Config, log=print) -> RunReport:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = ["model", "params", "size vs teacher", *(f"{m} (test)" for m in TABLE_METRICS), "train s",
-            "ms / 1k users"]
+            "ms / 1k users", "tuning"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["model"], f"{r['n_params']:,}", f"{100 * r['compression']:.1f}%",
                  *(f"{r.get('test_' + m, float('nan')):.4f}" for m in TABLE_METRICS),
-                 f"{r.get('train_seconds') or 0:.1f}", f"{r['latency_ms_per_1000_users']:.1f}"]
+                 f"{r.get('train_seconds') or 0:.1f}", f"{r['latency_ms_per_1000_users']:.1f}", r.get("tuning", "")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

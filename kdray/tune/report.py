@@ -10,7 +10,7 @@ from kdray.checkpoint import is_complete
 from kdray.config import Config
 from kdray.distill import CONTROL
 from kdray.layout import RunLayout
-from kdray.tune.space import ARMS, plain_value, trial_config
+from kdray.tune.space import ARMS, plain_value, role_of, trial_config
 
 STOPPED = ".stopped"  # RUN/tune/trials/ARM/TRIAL.stopped: the trial ended because ASHA stopped it
 
@@ -29,12 +29,12 @@ def trial_status(result: Any, export_root: Path) -> str:
     return "unfinished"
 
 
-def _architecture_stats(cfg: Config, data: Any, cache: dict) -> tuple[int, float]:
-    """Parameters and scoring latency (ms per 1000 users, whole catalog) of a trial's student architecture."""
+def _architecture_stats(cfg: Config, data: Any, cache: dict, role: str = "student") -> tuple[int, float]:
+    """Parameters and scoring latency (ms per 1000 users, whole catalog) of a trial's model architecture."""
     from kdray.evaluate import scoring_latency_ms
     from kdray.models import count_parameters, model_from_config
 
-    m = cfg.student
+    m = cfg.teacher if role == "teacher" else cfg.student
     key = (m.name, m.dim, tuple(m.hidden))
     if key not in cache:
         student = model_from_config(m, data)
@@ -53,7 +53,7 @@ def leaderboard_rows(grid: Any, arm: str, cfg: Config, data: Any, teacher_n: int
     rows = []
     for result in grid:
         params = {k: plain_value(v) for k, v in (result.config or {}).items()}
-        n_params, latency = _architecture_stats(trial_config(cfg, params, arm), data, cache)
+        n_params, latency = _architecture_stats(trial_config(cfg, params, arm), data, cache, role_of(arm))
         m = result.metrics or {}
         trial_id = m.get("trial_id") or Path(result.path).name
         export = export_root / trial_id

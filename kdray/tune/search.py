@@ -39,9 +39,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import ray
 from ray import tune
@@ -68,7 +69,9 @@ from kdray.tune.space import (
     base_point,
     check_budget,
     resolve_space,
+    role_of,
     search_key,
+    train_section,
     trial_config,
     validate_space,
 )
@@ -134,14 +137,17 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], arm: str, data_dir: 
 
     from kdray.config import from_dict
     from kdray.data.prepare import load_prepared
+    from kdray.pipeline import stage_key_of
     from kdray.train.driver import train_model
 
     cfg = trial_config(from_dict(base), params, arm)
     trial_id = tune.get_context().get_trial_id()
-    try:
-        train_model(cfg, "student", load_prepared(Path(data_dir)), out_dir=Path(export_dir) / trial_id,
-                    name=trial_id, teachers=[Path(t) for t in teachers] if arm == "distilled" else [],
-                    storage_path=storage, callbacks=[StopWhenAsked(decisions, trial_id), TuneReportCallback()])
+    role = role_of(arm)
+    used = [Path(t) for t in teachers] if arm == "distilled" else []
+    try:  # the stage key lets `kdray run` reuse a finished trial as its stage (the tuned teacher)
+        train_model(cfg, role, load_prepared(Path(data_dir)), out_dir=Path(export_dir) / trial_id,
+                    name=trial_id, teachers=used, storage_path=storage, stage_key=stage_key_of(cfg, role, used),
+                    callbacks=[StopWhenAsked(decisions, trial_id), TuneReportCallback()])
     except TrialStopped as e:  # a clean end: Tune already has every result it will use
         marker = Path(export_dir) / f"{trial_id}{STOPPED}"
         marker.parent.mkdir(parents=True, exist_ok=True)
@@ -186,12 +192,13 @@ def experiment_name(cfg: Config, arm: str) -> str:
 
 
 def run_arm(cfg: Config, arm: str, space: dict[str, dict[str, Any]], data_dir: Path, teachers: list[Path],
-            resume: bool, log: Callable[[str], None] = print) -> Any:
+            resume: bool, log: Callable[[str], None] = print, name: str | None = None) -> Any:
     """Runs (or resumes) one arm's search and returns its ResultGrid; raises SearchInterrupted if it was stopped
-    before every trial finished."""
+    before every trial finished. The ``teacher`` arm (kdray study, kdray run's teacher search) trains teachers over
+    ``teacher_train.*``; ``name`` overrides the experiment's name."""
     metric = cfg.select_metric
     storage = _storage(cfg)
-    name = experiment_name(cfg, arm)
+    name = name or experiment_name(cfg, arm)
     path = f"{storage}/{name}"
     decisions_name = f"kdray-asha-decisions-{name}"
     base = replace(cfg, runs_dir=_abs(cfg.runs_dir))
@@ -212,9 +219,10 @@ def run_arm(cfg: Config, arm: str, space: dict[str, dict[str, Any]], data_dir: P
             log(f"[tune] {arm}: {arm_trials(cfg, space, arm)} trials, ASHA on validation {metric}, "
                 f"{cfg.tune.searcher} search, at most {cfg.tune.max_concurrent_trials} at a time"
                 f"{', the first with the configured settings' if first else ''}")
+            epochs = getattr(cfg, train_section(arm)).epochs
             scheduler = GracefulASHA(
-                decisions_name, time_attr="epoch", max_t=cfg.student_train.epochs,
-                grace_period=min(cfg.tune.grace_period, cfg.student_train.epochs),
+                decisions_name, time_attr="epoch", max_t=epochs,
+                grace_period=min(cfg.tune.grace_period, epochs),
                 reduction_factor=cfg.tune.reduction_factor, stop_last_trials=False)
             searcher = _searcher(cfg, metric, first)
             tuner = tune.Tuner(

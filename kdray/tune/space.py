@@ -13,7 +13,10 @@ from kdray.config import Config, fingerprint, replace, to_dict
 from kdray.distill import CONTROL
 from kdray.errors import ConfigError
 
-ARMS = ("distilled", "alone")
+ARMS = ("distilled", "alone")  # kdray tune's two arms; kdray study adds "teacher" (STUDY_ARMS)
+
+
+STUDY_ARMS = ("teacher", "alone", "distilled")  # the equal-budget study, in the order it runs them
 
 
 DISTILL_PREFIX = "distill."  # every key of this section is a distillation setting: the control arm drops them
@@ -44,6 +47,44 @@ DEFAULT_TOWERS: dict[str, Any] = {"student.hidden": {"choice": [[32], [64, 32], 
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
 
 
+# The training space every arm of the study shares, over the arm's own section (teacher_train or student_train), and
+# what `kdray run`'s teacher-tuning stage searches. The ranges cover what tuned the student alone and the teacher in
+# issue 11 (lr 1e-2 with weight_decay 1e-5; a teacher with weight_decay 3e-5; embedding_l2 1e-3 .. 1e-2).
+TRAIN_SPACE: dict[str, dict[str, Any]] = {
+    "lr": {"loguniform": [1e-3, 3e-2]},
+    "weight_decay": {"choice": [0.0, 1e-6, 1e-5, 3e-5, 1e-4]},
+    "embedding_l2": {"choice": [0.0, 1e-4, 1e-3, 1e-2]},
+    "batch_size": {"choice": [128, 256, 512]},
+}
+TEACHER_SPACE: dict[str, dict[str, Any]] = {k: TRAIN_SPACE[k] for k in ("lr", "weight_decay", "embedding_l2")}
+DISTILL_STUDY_SPACE: dict[str, dict[str, Any]] = {  # what the distilled arm adds (the configured loss stays)
+    "distill.alpha": {"uniform": [0.1, 0.9]},
+    "distill.init_from_teacher": {"choice": [False, True]},
+}
+TRAIN_KEYS = ("lr", "weight_decay", "embedding_l2", "batch_size", "hard_loss", "n_negatives")  # searchable in a
+# training space; epochs and patience are fixed per study (study.epochs, study.patience), the seed by the protocol
+
+
+def role_of(arm: str) -> str:
+    """Which model an arm trains: the teacher arm a teacher, every other arm a student."""
+    return "teacher" if arm == "teacher" else "student"
+
+
+def train_section(arm: str) -> str:
+    return f"{role_of(arm)}_train"
+
+
+def section_space(defaults: dict[str, dict[str, Any]], overrides: dict[str, Any], arm: str,
+                  where: str) -> dict[str, dict[str, Any]]:
+    """A training space over one arm's own section: ``overrides`` (keys relative to the section, null drops one)
+    merged over ``defaults``, prefixed with ``teacher_train.`` or ``student_train.``."""
+    for key in overrides:
+        if key not in TRAIN_KEYS:
+            raise ConfigError(f"{where}.{key}: not a searchable training setting; allowed: {', '.join(TRAIN_KEYS)}")
+    merged = {**defaults, **overrides}
+    return {f"{train_section(arm)}.{k}": v for k, v in merged.items() if v is not None}
+
+
 
 
 ARCH_KEYS = ("student.name", "student.dim", "student.hidden")  # what a student's size depends on
@@ -64,17 +105,19 @@ def _values(spec: dict[str, Any]) -> list[Any]:
     return [values[0], values[1] - 1 if kind == "randint" else values[1]]
 
 
-def validate_space(cfg: Config, space: dict[str, dict[str, Any]]) -> None:
+def validate_space(cfg: Config, space: dict[str, dict[str, Any]], searchable: tuple[str, ...] = SEARCHABLE,
+                   section: str = "tune.space") -> None:
     """Raises ConfigError, naming the key, for an empty space, a parameter that is unknown or not searchable, a
-    malformed domain, a value the config itself would reject, or a searcher that cannot run this space."""
+    malformed domain, a value the config itself would reject, or a searcher that cannot run this space.
+    ``searchable`` and ``section`` serve the study's and the teacher search's spaces."""
     if not space:
-        raise ConfigError("tune.space: the search space is empty; give at least one dimension "
-                          f"(defaults: {', '.join(DEFAULT_SPACE)})")
+        raise ConfigError(f"{section}: the search space is empty; give at least one dimension "
+                          f"(defaults: {', '.join(DEFAULT_SPACE if section == 'tune.space' else TRAIN_SPACE)})")
     for key, spec in space.items():
-        where = f"tune.space.{key}"
-        if not key.startswith(SEARCHABLE) or key in FIXED_KEYS:
+        where = f"{section}.{key}"
+        if not key.startswith(searchable) or key in FIXED_KEYS:
             raise ConfigError(f"{where}: not a searchable parameter; the search varies keys under "
-                              f"{', '.join(s.rstrip('.') for s in SEARCHABLE)} (except {', '.join(FIXED_KEYS)}): "
+                              f"{', '.join(s.rstrip('.') for s in searchable)} (except {', '.join(FIXED_KEYS)}): "
                               "the data, teacher and evaluation are fixed before it starts")
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
             raise ConfigError(f"{where}: expected one of {', '.join(KINDS)} mapped to its values, for example "
@@ -100,7 +143,7 @@ def validate_space(cfg: Config, space: dict[str, dict[str, Any]]) -> None:
                 raise ConfigError(f"{where}: value {v!r} is not valid: {e}") from None
     grids = [k for k, s in space.items() if "grid" in s]
     if grids and cfg.tune.searcher != "random":
-        raise ConfigError(f"tune.space.{grids[0]}: grid dimensions need tune.searcher=random "
+        raise ConfigError(f"{section}.{grids[0]}: grid dimensions need tune.searcher=random "
                           f"({cfg.tune.searcher} samples every dimension itself); use choice instead")
 
 
@@ -121,7 +164,7 @@ def _domain(spec: dict[str, Any]) -> Any:
 
 
 def arm_keys(space: dict[str, dict[str, Any]], arm: str) -> list[str]:
-    return [k for k in space if arm == "distilled" or not k.startswith(DISTILL_PREFIX)]
+    return [k for k in space if arm != "alone" or not k.startswith(DISTILL_PREFIX)]
 
 
 def arm_space(space: dict[str, dict[str, Any]], arm: str) -> dict[str, Any]:
@@ -137,7 +180,7 @@ def arm_samples(cfg: Config, space: dict[str, dict[str, Any]], arm: str) -> int:
     """Tune's ``num_samples`` for an arm, so that both arms train the same number of students: Tune runs every grid
     point ``num_samples`` times, and the control has no distillation grid. A control with no dimension left would
     train the same student again and again: it runs once."""
-    if arm == "distilled":
+    if arm != "alone":
         return cfg.tune.num_samples
     keys = arm_keys(space, arm)
     if not keys:
@@ -183,7 +226,8 @@ def plain_value(value: Any) -> Any:
 
 
 def trial_config(base: Config, params: dict[str, Any], arm: str) -> Config:
-    """The config one trial trains with: the base config, the sampled settings, and for the control no teacher."""
+    """The config one trial trains with: the base config, the sampled settings, and for the control no teacher (the
+    teacher arm's settings are ``teacher_train.*`` keys: nothing else changes)."""
     overrides = {k: plain_value(v) for k, v in params.items()}
     if arm == "alone":
         overrides.update(CONTROL)

@@ -1,0 +1,161 @@
+"""BENCHMARKS.md's equal-budget tables and the compression frontier, generated from ``kdray study``'s results.
+
+Reads every ``benchmarks/results/<dataset>-d<dim>.json`` (written by ``kdray study``) and
+
+* replaces the block between ``<!-- study:begin -->`` and ``<!-- study:end -->`` in BENCHMARKS.md (appended at the
+  end, with its markers, when the file has none) with one table per dataset: each student size against the tuned
+  teacher, the student alone and the distilled student (test mean ± std over seeds), the gain, the share of the
+  teacher-alone gap recovered, whether the gain exceeds 2x the larger seed std, and whether the tuned teacher beat
+  the tuned student alone on validation;
+* draws per dataset the compression frontier, test metric against parameter count for every student size and the
+  teacher, tuned alone against tuned distilled: ``benchmarks/results/<dataset>-frontier.png``.
+
+Nothing is computed here that the study did not record, except means and stds of its per-seed lists. Usage::
+
+    python benchmarks/study_report.py [--results benchmarks/results] [--benchmarks BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kdray.layout import atomic_write_text  # noqa: E402
+from kdray.tune.study import compare  # noqa: E402
+
+BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_results(results_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """dataset -> its studies, smallest student first."""
+    by_dataset: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted(results_dir.glob("*.json")):
+        result = json.loads(path.read_text())
+        by_dataset.setdefault(result["dataset"], []).append(result)
+    return {d: sorted(rs, key=lambda r: r["student_dim"]) for d, rs in sorted(by_dataset.items())}
+
+
+def _pm(mean: float, std: float) -> str:
+    return f"{mean:.4f}" if not math.isfinite(std) else f"{mean:.4f} ± {std:.4f}"
+
+
+def dataset_table(results: list[dict[str, Any]]) -> str:
+    """One row per student size: every number from the study's per-seed lists (:func:`kdray.tune.study.compare`)."""
+    metric = results[0]["metric"]
+    lines = [(f"| student dim | params (student / teacher) | teacher {metric} | alone | distilled | gain | "
+              "gap recovered | gain > 2x seed std | teacher > alone on valid | seeds | trials per arm |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        c = compare(r["arms"]["teacher"], r["arms"]["alone"], r["arms"]["distilled"])
+        p = r["params"]
+        recovered = "no gap" if c["gap_recovered"] is None else f"{c['gap_recovered']:.1%}"
+        trials = sorted(set(r["budget"]["trials"].values()))
+        lines.append(
+            f"| {r['student_dim']} | {p['student']:,} / {p['teacher']:,} ({p['student'] / p['teacher']:.1%}) | "
+            f"{_pm(c['mean']['teacher'], c['std']['teacher'])} | {_pm(c['mean']['alone'], c['std']['alone'])} | "
+            f"{_pm(c['mean']['distilled'], c['std']['distilled'])} | {c['gain']:+.4f} | {recovered} | "
+            f"{'yes' if c['significant'] else 'no'} | {'yes' if r['teacher_beats_alone_on_valid'] else '**no**'} | "
+            f"{len(r['arms']['alone'])} | {', '.join(map(str, trials))} |")
+    return "\n".join(lines)
+
+
+def frontier_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The frontier's points: each study's teacher (one per study: each tuned its own), alone and distilled."""
+    rows = []
+    for r in results:
+        for arm in ("teacher", "alone", "distilled"):
+            values = r["arms"][arm]
+            mean = sum(values) / len(values)
+            std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+            rows.append({"arm": arm, "student_dim": r["student_dim"],
+                         "params": r["params"]["teacher" if arm == "teacher" else "student"], "mean": mean, "std": std})
+    return rows
+
+
+def frontier_plot(dataset: str, results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = frontier_rows(results)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arm, style, label in (("alone", "s-", "student alone (tuned)"), ("distilled", "o-", "distilled student (tuned)"),
+                              ("teacher", "*", "teacher (tuned)")):
+        pts = sorted((r["params"], r["mean"], r["std"]) for r in rows if r["arm"] == arm)
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt=style, capsize=3,
+                    markersize=12 if arm == "teacher" else 6, label=label)
+    for r in rows:
+        if r["arm"] == "distilled":
+            ax.annotate(f"d={r['student_dim']}", (r["params"], r["mean"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters (log scale)")
+    ax.set_ylabel(results[0]["metric"] + " (mean ± std over seeds)")
+    ax.set_title(f"{dataset}: compression frontier under the equal-budget protocol")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _point_label(row: dict[str, Any]) -> str:
+    return f"teacher (study d={row['student_dim']})" if row["arm"] == "teacher" else \
+        f"{row['arm']} d={row['student_dim']}"
+
+
+def block(by_dataset: dict[str, list[dict[str, Any]]], results_dir: Path) -> str:
+    """The generated Markdown: per dataset its table, its frontier table and plot, and the commands."""
+    parts = [BEGIN, "<!-- generated by benchmarks/study_report.py from benchmarks/results/*.json: do not edit -->"]
+    for dataset, results in by_dataset.items():
+        frontier = sorted(frontier_rows(results), key=lambda r: (r["params"], r["arm"]))
+        table = ["| model | params | " + results[0]["metric"] + " |", "|---|---|---|"]
+        table += [f"| {_point_label(r)} | {r['params']:,} | {_pm(r['mean'], r['std'] or math.nan)} |"
+                  for r in frontier]
+        try:
+            png = (results_dir / f"{dataset}-frontier.png").resolve().relative_to(ROOT)
+        except ValueError:
+            png = results_dir / f"{dataset}-frontier.png"
+        frontier_intro = "\nThe compression frontier (every point tuned with the same budget):\n"
+        parts += [f"\n### {dataset}\n", dataset_table(results), frontier_intro, "\n".join(table),
+                  f"\n![{dataset} frontier]({png})\n", "Commands:\n"]
+        parts += [f"    {r['command']}" for r in results if r.get("command")]
+    parts.append(END)
+    return "\n".join(parts) + "\n"
+
+
+def replace_block(text: str, new_block: str) -> str:
+    """``text`` with the marked block replaced by ``new_block`` (or ``new_block`` appended)."""
+    start, end = text.find(BEGIN), text.find(END)
+    if start == -1 or end == -1 or end < start:
+        return text.rstrip("\n") + "\n\n## Equal-budget studies (`kdray study`)\n\n" + new_block
+    return text[:start] + new_block.rstrip("\n") + text[end + len(END):]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--benchmarks", type=Path, default=ROOT / "BENCHMARKS.md")
+    a = p.parse_args(argv)
+    by_dataset = load_results(a.results)
+    if not by_dataset:
+        print(f"no study results in {a.results}; run kdray study first", file=sys.stderr)
+        return 2
+    for dataset, results in by_dataset.items():
+        frontier_plot(dataset, results, a.results / f"{dataset}-frontier.png")
+    text = a.benchmarks.read_text() if a.benchmarks.is_file() else ""
+    atomic_write_text(a.benchmarks, replace_block(text, block(by_dataset, a.results)))
+    print(f"{sum(map(len, by_dataset.values()))} studies of {len(by_dataset)} dataset(s) -> {a.benchmarks}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

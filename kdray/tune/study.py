@@ -1,0 +1,261 @@
+"""The equal-budget study (issue 11): does a distilled student beat the same student *equally tuned* alone?
+
+Papers (and kdray's own first benchmarks) often compare a tuned distilled student with an untuned control, and
+distil from a teacher nobody tuned. ``kdray study`` gives three arms the same Ray Tune budget:
+
+* ``teacher``: the teacher, over ``teacher_train.*``;
+* ``alone``: the student without distillation, over ``student_train.*``;
+* ``distilled``: the student distilled from the teacher arm's winner, over ``student_train.*`` and the distillation
+  settings (``study.distill_space``).
+
+"The same budget" is the same number of trials (``study.num_samples``), the same scheduler (ASHA with
+``tune.grace_period`` / ``tune.reduction_factor``), the same searcher and the same training space over each role's
+own section (:data:`~kdray.tune.space.TRAIN_SPACE`: lr, weight_decay, embedding_l2, batch_size; ``study.space``
+changes it), with epochs and patience fixed for every arm (``study.epochs``, ``study.patience``). The arms run in
+order, teacher first; each arm is :func:`kdray.tune.search.run_arm`, so trials run in parallel on the cluster
+(``tune.max_concurrent_trials``) and ASHA stops lagging ones cleanly.
+
+Winners are picked on validation, then retrained with every seed of ``study.seeds``: for seed ``s`` the teacher, the
+student alone and the distilled student (which distils from the seed-``s`` teacher) train with ``s`` and are
+evaluated once on the test split. A winning trial trained with the configured seed *is* that seed's model and is
+reused as such. The output is the test mean ± std per arm, the gain (distilled - alone), the share of the
+teacher-alone gap recovered, and whether the gain exceeds twice the larger of the two student arms' seed std
+(:func:`compare`); and, on validation, whether the tuned teacher beats the tuned student alone at all.
+
+Everything lives in one run directory, ``RUNS_DIR/study-<dataset>-d<dim>``: ``tune/`` (the three searches),
+``seed-S/`` (the retrained models, reused by their stage key) and ``study.json``. ``--resume`` restores interrupted
+searches with Tune and reuses every finished model; the result also goes to
+``<study.results_dir>/<dataset>-d<dim>.json``, from which ``benchmarks/study_report.py`` writes BENCHMARKS.md's tables
+and the compression frontier.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from kdray.checkpoint import load_checkpoint, stage_key
+from kdray.config import Config, fingerprint, replace, to_dict
+from kdray.errors import ConfigError, KdrayError
+from kdray.layout import RunLayout, atomic_replace_dir, atomic_write_text
+from kdray.tune.space import (
+    DISTILL_PREFIX,
+    DISTILL_STUDY_SPACE,
+    STUDY_ARMS,
+    TRAIN_SPACE,
+    arm_trials,
+    role_of,
+    section_space,
+    trial_config,
+    validate_space,
+)
+from kdray.tune.teacher import ArmResult, search_arm
+
+# ----------------------------------------------------------------------------------------------------------------
+# The arithmetic of the claim (pure: pinned by hand-computed values in the tests).
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; NaN for a single value: one seed says nothing of the spread)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def compare(teacher: Sequence[float], alone: Sequence[float], distilled: Sequence[float]) -> dict[str, Any]:
+    """The study's verdict from per-seed test scores of the three arms.
+
+    ``gain = mean(distilled) - mean(alone)``; ``gap_recovered = gain / (mean(teacher) - mean(alone))``, None when the
+    teacher is not better than the student alone (there is no gap to recover); ``significant``: the gain exceeds
+    ``2 * max(std(alone), std(distilled))``, False when a std is undefined (one seed)."""
+    (t, t_sd), (a, a_sd), (d, d_sd) = mean_std(teacher), mean_std(alone), mean_std(distilled)
+    gain, gap = d - a, t - a
+    threshold = 2 * max(a_sd, d_sd)
+    return {"mean": {"teacher": t, "alone": a, "distilled": d}, "std": {"teacher": t_sd, "alone": a_sd,
+                                                                         "distilled": d_sd},
+            "gain": gain, "gap": gap, "gap_recovered": gain / gap if gap > 0 else None,
+            "threshold_2x_std": threshold, "significant": bool(math.isfinite(threshold) and gain > threshold)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The study's config and spaces: everything checked before anything trains.
+
+
+def label_of(cfg: Config) -> str:
+    return cfg.study.dataset or cfg.data.source
+
+
+def study_config(cfg: Config) -> Config:
+    """The base config of every arm: one teacher (the distilled arm distils the teacher arm's model), the study's
+    epochs and patience for both roles, the study's trial count, and the run directory of this (dataset, dim)."""
+    st = cfg.study
+    if cfg.distill.loss == "none":
+        raise ConfigError("distill.loss: 'none' leaves the study's distilled arm without a teacher; choose a "
+                          "distillation loss (the alone arm is the study's control)")
+    return replace(cfg, name=f"study-{label_of(cfg)}-d{cfg.student.dim}", **{
+        "tune.num_samples": st.num_samples, "distill.n_teachers": 1, "distill.teacher_weights": [],
+        "teacher_train.epochs": st.epochs, "student_train.epochs": st.epochs,
+        "teacher_train.patience": st.patience, "student_train.patience": st.patience})
+
+
+def study_spaces(cfg: Config) -> dict[str, dict[str, dict[str, Any]]]:
+    """Each arm's space: the same training space over the arm's own section; the distilled arm adds the
+    distillation settings. Raises ConfigError naming the key for anything the search could not run."""
+    distill = {k: v for k, v in {**DISTILL_STUDY_SPACE, **cfg.study.distill_space}.items() if v is not None}
+    for key in distill:
+        if not key.startswith(DISTILL_PREFIX):
+            raise ConfigError(f"study.distill_space.{key}: not a distillation setting; the distilled arm adds "
+                              "distill.* keys to the shared training space (study.space)")
+    spaces = {arm: section_space(TRAIN_SPACE, cfg.study.space, arm, "study.space") for arm in STUDY_ARMS}
+    spaces["distilled"] = {**spaces["distilled"], **distill}
+    for arm, space in spaces.items():
+        section = "study.distill_space" if arm == "distilled" else "study.space"
+        searchable = ("teacher_train.",) if arm == "teacher" else ("student_train.", DISTILL_PREFIX)
+        validate_space(cfg, space, searchable, section)
+    trials = {arm: arm_trials(cfg, space, arm) for arm, space in spaces.items()}
+    if len(set(trials.values())) > 1:
+        raise ConfigError(f"study.distill_space: a grid dimension gives the arms different trial counts ({trials}); "
+                          "the protocol needs the same budget for every arm: use choice instead of grid there")
+    return spaces
+
+
+def _key(cfg: Config, spaces: dict[str, Any]) -> str:
+    """What the searches depend on (seeds, resources and concurrency may change on --resume)."""
+    return fingerprint({"spaces": spaces, "num_samples": cfg.tune.num_samples, "searcher": cfg.tune.searcher,
+                        "grace_period": cfg.tune.grace_period, "reduction_factor": cfg.tune.reduction_factor,
+                        **{s: to_dict(getattr(cfg, s)) for s in ("data", "teacher", "teacher_train", "student",
+                                                                   "student_train", "distill", "eval")}})
+
+
+def _check_state(cfg: Config, spaces: dict[str, Any], resume: bool) -> None:
+    """A fresh study refuses to write over an earlier one; a resumed one must be the same study."""
+    record = RunLayout(cfg.run_dir).tune / "study.json"
+    key = _key(cfg, spaces)
+    if record.is_file():
+        before = json.loads(record.read_text())
+        if not resume:
+            raise ConfigError(f"a study already exists in {cfg.run_dir}; continue it with kdray study --resume, or "
+                              "choose another runs_dir (or delete it)")
+        if before.get("key") != key:
+            raise ConfigError(f"--resume: the study in {cfg.run_dir} was started with other settings; resume it "
+                              "with its own config (RUN/config.yaml), or start it in another runs_dir")
+    atomic_write_text(record, json.dumps({"key": key, "spaces": spaces}, indent=2, default=str) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The study.
+
+
+def _seed_model(cfg: Config, role: str, data: Any, out_dir: Path, teachers: list[Path], winner: dict[str, Any],
+                log: Callable[[str], None]) -> Path:
+    """One winner retrained with one seed, or reused: a finished stage with the same key, or the winning trial
+    itself when it trained with exactly these settings (the configured seed)."""
+    from kdray.pipeline import stage_key_of, train_stage
+
+    key = stage_key_of(cfg, role, teachers)
+    if stage_key(out_dir) != key and stage_key(winner["checkpoint"]) == key:
+        log(f"[{out_dir.parent.name}/{out_dir.name}] the winning trial {winner['trial']} trained with this seed")
+        atomic_replace_dir(out_dir, lambda tmp: shutil.copytree(winner["checkpoint"], tmp, dirs_exist_ok=True))
+    return train_stage(cfg, role, data, out_dir, teachers, log)
+
+
+def run_study(cfg: Config, resume: bool = False, log: Callable[[str], None] = print,
+              command: str = "") -> dict[str, Any]:
+    """Runs (or resumes) the three searches and the seed retraining; writes and returns the result (see the module
+    docstring). ``command`` is recorded as how to reproduce it."""
+    from kdray.evaluate import evaluate_checkpoint
+    from kdray.pipeline import prepare_data, write_resolved_config
+    from kdray.tune.search import _searcher, check_resources
+
+    t0 = time.perf_counter()
+    cfg = study_config(cfg)
+    spaces = study_spaces(cfg)
+    metric = cfg.select_metric
+    _searcher(cfg, metric)  # the optional package is there
+    check_resources(cfg)
+    data = prepare_data(cfg)
+    _check_state(cfg, spaces, resume)
+    write_resolved_config(cfg)
+
+    arms: dict[str, ArmResult] = {}
+    base = cfg
+    for arm in STUDY_ARMS:
+        teachers = [Path(arms["teacher"].winner["checkpoint"])] if arm == "distilled" else []
+        arms[arm] = search_arm(base, arm, spaces[arm], data, teachers, resume, log)
+        if arms[arm].winner is None:
+            raise KdrayError(f"the study's {arm} arm completed no trial; see {RunLayout(cfg.run_dir).tune_trials(arm)}")
+        if arm == "teacher":  # the student arms distil from (and record) the tuned teacher
+            base = trial_config(cfg, arms[arm].params, arm)
+
+    valid_key, test_key, recall_key = f"valid_{metric}", f"test_{metric}", f"test_recall@{cfg.eval.k}"
+    scores: dict[str, dict[str, list[float]]] = {k: {arm: [] for arm in STUDY_ARMS}
+                                                 for k in (test_key, recall_key, valid_key)}
+    for seed in cfg.study.seeds:
+        layout = RunLayout(cfg.run_dir / f"seed-{seed}")
+        configs = {arm: replace(trial_config(base, arms[arm].params, arm), **{f"{role_of(arm)}_train.seed": seed})
+                   for arm in STUDY_ARMS}
+        teacher = _seed_model(configs["teacher"], "teacher", data, layout.teacher(0), [], arms["teacher"].winner, log)
+        paths = {"teacher": teacher,
+                 "alone": _seed_model(configs["alone"], "student", data, layout.student_alone, [],
+                                      arms["alone"].winner, log),
+                 "distilled": _seed_model(configs["distilled"], "student", data, layout.student, [teacher],
+                                          arms["distilled"].winner, log)}
+        for arm, path in paths.items():
+            test = evaluate_checkpoint(path, data, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size, write=False)
+            scores[test_key][arm].append(test[test_key])
+            scores[recall_key][arm].append(test[recall_key])
+            scores[valid_key][arm].append(load_checkpoint(path).metrics[valid_key])
+        log(f"[study] seed {seed}: test {metric} " + ", ".join(f"{a} {scores[test_key][a][-1]:.4f}" for a in STUDY_ARMS))
+
+    winners_valid = {arm: arms[arm].winner[valid_key] for arm in STUDY_ARMS}
+    result = {
+        "dataset": label_of(cfg), "metric": test_key, "student_dim": cfg.student.dim,
+        "params": {"teacher": arms["teacher"].winner["n_params"], "student": arms["alone"].winner["n_params"]},
+        "arms": scores[test_key], "recall": {"metric": recall_key, "arms": scores[recall_key]},
+        "valid": {"metric": valid_key, "arms": scores[valid_key], "winners": winners_valid},
+        "seeds": list(cfg.study.seeds),
+        "summary": compare(*(scores[test_key][a] for a in STUDY_ARMS)),
+        "teacher_beats_alone_on_valid": winners_valid["teacher"] > winners_valid["alone"],
+        "budget": {"trials": {arm: arm_trials(cfg, spaces[arm], arm) for arm in STUDY_ARMS},
+                   "completed": {arm: sum(r["status"] == "completed" for r in arms[arm].rows) for arm in STUDY_ARMS},
+                   "stopped_early": {arm: sum(r["status"] == "stopped early" for r in arms[arm].rows)
+                                     for arm in STUDY_ARMS},
+                   "scheduler": {"name": "ASHA", "grace_period": cfg.tune.grace_period,
+                                 "reduction_factor": cfg.tune.reduction_factor, "max_t": cfg.study.epochs},
+                   "searcher": cfg.tune.searcher, "max_concurrent_trials": cfg.tune.max_concurrent_trials,
+                   "epochs": cfg.study.epochs, "patience": cfg.study.patience, "spaces": spaces},
+        "winners": {arm: {"trial": arms[arm].winner["trial"], "params": arms[arm].params,
+                          valid_key: winners_valid[arm]} for arm in STUDY_ARMS},
+        "command": command, "seconds": time.perf_counter() - t0,
+    }
+    text = json.dumps(result, indent=2, default=float) + "\n"
+    atomic_write_text(cfg.run_dir / "study.json", text)
+    out = Path(cfg.study.results_dir).expanduser() / f"{label_of(cfg)}-d{cfg.student.dim}.json"
+    atomic_write_text(out, text)
+    for line in verdict(result):
+        log(f"[study] {line}")
+    log(f"[study] written to {out} ({result['seconds']:.0f} s)")
+    return result
+
+
+def verdict(result: dict[str, Any]) -> list[str]:
+    """The study's outcome in plain sentences (console and report)."""
+    s, metric = result["summary"], result["metric"]
+    lines = [f"{arm}: {metric} {s['mean'][arm]:.4f} ± {s['std'][arm]:.4f} over {len(result['arms'][arm])} seeds"
+             for arm in STUDY_ARMS]
+    recovered = "no gap to recover" if s["gap_recovered"] is None else f"{s['gap_recovered']:.0%} of the gap"
+    lines.append(f"gain (distilled - alone) {s['gain']:+.4f}, {recovered}; "
+                 f"{'exceeds' if s['significant'] else 'does not exceed'} 2x the larger seed std "
+                 f"({s['threshold_2x_std']:.4f})")
+    v = result["valid"]["winners"]
+    if not result["teacher_beats_alone_on_valid"]:
+        lines.append(f"the tuned teacher does NOT beat the tuned student alone on validation ({v['teacher']:.4f} vs "
+                     f"{v['alone']:.4f}): distillation cannot be expected to help here")
+    else:
+        lines.append(f"on validation the tuned teacher beats the tuned student alone ({v['teacher']:.4f} vs "
+                     f"{v['alone']:.4f})")
+    return lines

@@ -1,0 +1,204 @@
+"""kdray study (the equal-budget protocol of issue 11): the arithmetic of its verdict against hand-computed values,
+the report script on a hand-written result, the study's config checks, and one tiny study end to end on the shared
+Ray cluster (3 arms x 1 trial, 3 seeds), then ``--resume`` on the finished study, which must train nothing.
+
+The teacher search of ``kdray run`` is the same teacher arm (kdray.tune.teacher); its notes are tested here too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdray.cli import main
+from kdray.config import load_config
+from kdray.tune.study import compare, mean_std, study_config, study_spaces
+from kdray.tune.teacher import teacher_note
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.n_users=120", "data.n_items=80", "data.n_interactions=3000", "data.n_clusters=4",
+    "teacher.name=mf", "teacher.dim=32", "teacher.hidden=[]", "student.dim=4",
+    "teacher_train.batch_size=32", "student_train.batch_size=32", "eval.batch_size=64",
+    "distill.init_from_teacher=false", "distill.alpha=0.5",
+    "study.num_samples=1", "study.epochs=2", "study.patience=0", "tune.max_concurrent_trials=2",
+    'study.space={"lr": {"choice": [0.02, 0.05]}, "weight_decay": null, "embedding_l2": null, "batch_size": null}',
+    'study.distill_space={"distill.alpha": {"choice": [0.5]}, "distill.init_from_teacher": null}',
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The verdict's arithmetic.
+
+
+def test_compare_matches_hand_computed_values():
+    # teacher mean 0.30; alone 0.20, 0.22, 0.24 -> mean 0.22, std 0.02; distilled 0.26, 0.27, 0.28 -> 0.27, std 0.01
+    c = compare([0.29, 0.30, 0.31], [0.20, 0.22, 0.24], [0.26, 0.27, 0.28])
+    assert c["mean"] == pytest.approx({"teacher": 0.30, "alone": 0.22, "distilled": 0.27})
+    assert c["std"]["alone"] == pytest.approx(0.02) and c["std"]["distilled"] == pytest.approx(0.01)
+    assert c["gain"] == pytest.approx(0.05) and c["gap"] == pytest.approx(0.08)
+    assert c["gap_recovered"] == pytest.approx(0.625)  # 0.05 / 0.08
+    assert c["threshold_2x_std"] == pytest.approx(0.04) and c["significant"]  # 0.05 > 2 x max(0.02, 0.01)
+
+
+def test_a_gain_within_twice_the_seed_std_is_not_significant_and_no_gap_is_said_so():
+    c = compare([0.20, 0.20, 0.20], [0.20, 0.25, 0.30], [0.26, 0.26, 0.26])  # alone std 0.05: threshold 0.10
+    assert c["gain"] == pytest.approx(0.01) and not c["significant"]
+    assert c["gap_recovered"] is None  # the teacher (0.20) is below the student alone (0.25): no gap to recover
+    worse = compare([0.3, 0.3], [0.2, 0.2], [0.19, 0.19])  # zero spread: any positive gain would count; this loses
+    assert worse["gain"] == pytest.approx(-0.01) and not worse["significant"]
+
+
+def test_one_seed_has_no_spread_and_never_claims_significance():
+    assert mean_std([0.5])[0] == 0.5 and math.isnan(mean_std([0.5])[1])
+    assert not compare([0.4], [0.2], [0.3])["significant"]
+    import statistics
+
+    values = [0.1, 0.4, 0.35, 0.2]
+    assert mean_std(values) == pytest.approx((statistics.fmean(values), statistics.stdev(values)))
+
+
+def test_teacher_note_only_when_no_teacher_beats_the_student_alone():
+    assert teacher_note("ndcg@10", [0.30, 0.25], 0.28) is None
+    note = teacher_note("ndcg@10", [0.22, 0.222], 0.241)
+    assert "no better than the student alone" in note and "0.2220" in note and "0.2410" in note
+    assert teacher_note("ndcg@10", [0.24], 0.24) is not None  # equal is not better
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The study's config: the same space for every arm, mistakes named before anything starts.
+
+
+def test_every_arm_searches_the_same_training_space_over_its_own_section():
+    cfg = study_config(load_config(None))
+    spaces = study_spaces(cfg)
+    strip = {arm: {k.split(".", 1)[1]: v for k, v in s.items() if not k.startswith("distill.")}
+             for arm, s in spaces.items()}
+    assert strip["teacher"] == strip["alone"] == strip["distilled"]
+    assert set(strip["teacher"]) == {"lr", "weight_decay", "embedding_l2", "batch_size"}
+    assert all(k.startswith("teacher_train.") for k in spaces["teacher"])
+    assert {k for k in spaces["distilled"] if k.startswith("distill.")} == {"distill.alpha",
+                                                                         "distill.init_from_teacher"}
+    assert cfg.teacher_train.epochs == cfg.student_train.epochs == cfg.study.epochs
+    assert cfg.distill.n_teachers == 1 and cfg.name == "study-synthetic-d16"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (['study.space={"epochs": {"choice": [5]}}'], "study.space.epochs: not a searchable training setting"),
+    (['study.distill_space={"student.dim": {"choice": [8]}}'], "study.distill_space.student.dim: not a distillation"),
+    (['study.distill_space={"distill.loss": {"grid": ["kl", "rd"]}}'], "same budget for every arm"),
+    (['study.space={"lr": {"loguniform": [0, 1]}}'], "loguniform needs a positive lower bound"),
+    (["distill.loss=none", "distill.alpha=0"], "distill.loss: 'none' leaves the study's distilled arm"),
+    (["study.seeds=[1, 1]"], "study.seeds: [1, 1] must be distinct"),
+], ids=["epochs", "not-distill", "grid", "bad-domain", "no-loss", "seeds"])
+def test_bad_study_settings_are_refused_naming_the_key(extra, message, capsys):
+    assert main(["study", *extra, "runs_dir=/nonexistent/never"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The report script on a hand-written result.
+
+
+def _load_report_script():
+    spec = importlib.util.spec_from_file_location("study_report", ROOT / "benchmarks" / "study_report.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["study_report"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _result(dim: int, student_params: int, alone: list[float], distilled: list[float]) -> dict:
+    return {"dataset": "toy", "metric": "test_ndcg@10", "student_dim": dim,
+            "params": {"teacher": 10_000, "student": student_params},
+            "arms": {"teacher": [0.30, 0.30, 0.30], "alone": alone, "distilled": distilled},
+            "budget": {"trials": {"teacher": 8, "alone": 8, "distilled": 8}},
+            "winners": {}, "teacher_beats_alone_on_valid": dim != 8, "command": f"kdray study student.dim={dim}"}
+
+
+def test_report_script_writes_the_tables_between_the_markers_and_the_frontier(tmp_path):
+    report = _load_report_script()
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "toy-d8.json").write_text(json.dumps(_result(8, 400, [0.20, 0.22, 0.24], [0.26, 0.27, 0.28])))
+    (results / "toy-d4.json").write_text(json.dumps(_result(4, 200, [0.10, 0.10, 0.10], [0.10, 0.11, 0.12])))
+    bench = tmp_path / "BENCHMARKS.md"
+    bench.write_text(f"# before\n\n{report.BEGIN}\nold table\n{report.END}\n\n## after\n")
+    assert report.main(["--results", str(results), "--benchmarks", str(bench)]) == 0
+    text = bench.read_text()
+    assert text.startswith("# before\n") and text.endswith("## after\n") and "old table" not in text
+    assert text.count(report.BEGIN) == text.count(report.END) == 1
+    rows = [line for line in text.splitlines() if line.startswith(("| 4 |", "| 8 |"))]
+    assert [r.split(" | ")[0] for r in rows] == ["| 4", "| 8"]  # smallest student first
+    # d8: gain 0.05, gap 0.08 -> 62.5%, 0.05 > 2 x 0.02: yes; the teacher did not beat it on validation
+    assert "| 0.2200 ± 0.0200 | 0.2700 ± 0.0100 | +0.0500 | 62.5% | yes | **no** | 3 | 8 |" in rows[1]
+    # d4: gain 0.01 within 2 x 0.01
+    assert "| +0.0100 | 5.0% | no | yes |" in rows[0] and "200 / 10,000 (2.0%)" in rows[0]
+    assert "| distilled d=8 | 400 | 0.2700 ± 0.0100 |" in text and "kdray study student.dim=8" in text
+    import matplotlib.image
+
+    assert matplotlib.image.imread(results / "toy-frontier.png").shape[0] > 300
+    again = bench.read_text()
+    assert report.main(["--results", str(results), "--benchmarks", str(bench)]) == 0
+    assert bench.read_text() == again  # regenerating replaces the block, it does not add another
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A tiny study end to end, then --resume on the finished study.
+
+
+@pytest.fixture(scope="module")
+def study(ray_cluster, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("study")
+    args = [*TINY, f"runs_dir={tmp / 'runs'}", f"study.results_dir={tmp / 'results'}", "study.dataset=tiny"]
+    assert main(["study", *args]) == 0
+    return {"tmp": tmp, "args": args, "result": json.loads((tmp / "results" / "tiny-d4.json").read_text())}
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(1200)  # about 2 minutes on a quiet machine; the study runs in the fixture
+def test_a_tiny_study_writes_every_field_for_three_arms_and_three_seeds(study):
+    r = study["result"]
+    for field in ("dataset", "metric", "student_dim", "params", "arms", "budget", "winners", "command"):
+        assert field in r
+    assert (r["dataset"], r["metric"], r["student_dim"]) == ("tiny", "test_ndcg@10", 4)
+    assert set(r["arms"]) == {"teacher", "alone", "distilled"} and all(len(v) == 3 for v in r["arms"].values())
+    assert all(0.0 <= x <= 1.0 for v in r["arms"].values() for x in v)
+    assert r["params"]["student"] < r["params"]["teacher"]
+    assert r["budget"]["trials"] == {"teacher": 1, "alone": 1, "distilled": 1}
+    assert r["budget"]["scheduler"]["name"] == "ASHA" and r["seeds"] == [0, 1, 2]
+    assert set(r["winners"]["teacher"]["params"]) == {"teacher_train.lr"}
+    assert set(r["winners"]["distilled"]["params"]) == {"student_train.lr", "distill.alpha"}
+    assert r["command"].startswith("kdray study ") and "study.dataset=tiny" in r["command"]
+    assert r["summary"]["gain"] == pytest.approx(sum(r["arms"]["distilled"]) / 3 - sum(r["arms"]["alone"]) / 3)
+    assert isinstance(r["teacher_beats_alone_on_valid"], bool)
+    run = study["tmp"] / "runs" / "study-tiny-d4"
+    from kdray.checkpoint import load_checkpoint
+
+    for seed in (0, 1, 2):  # the distilled student of seed s distils from the teacher of seed s
+        lineage = load_checkpoint(run / f"seed-{seed}" / "student").meta["lineage"]["teachers"]
+        teacher = load_checkpoint(run / f"seed-{seed}" / "teacher")
+        assert teacher.config["teacher_train"]["seed"] == seed
+        assert [Path(t).name for t in lineage] == [f"{r['winners']['teacher']['trial']}" if seed == 0 else "teacher"]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_resuming_a_finished_study_trains_nothing_new(study, capsys):
+    run = study["tmp"] / "runs" / "study-tiny-d4"
+    before = sorted(p.relative_to(run) for p in run.rglob("model.pt"))
+    capsys.readouterr()
+    assert main(["study", *study["args"]]) == 2  # without --resume an existing study is not overwritten
+    assert "a study already exists" in capsys.readouterr().err
+    assert main(["study", "--resume", *study["args"]]) == 0
+    out = capsys.readouterr().out
+    assert "training on Ray Train" not in out and out.count("reusing") == 9
+    assert sorted(p.relative_to(run) for p in run.rglob("model.pt")) == before
+    again = json.loads((study["tmp"] / "results" / "tiny-d4.json").read_text())
+    assert again["arms"] == study["result"]["arms"] and again["winners"] == study["result"]["winners"]
