@@ -41,6 +41,7 @@ SLOW = [
     "teacher.name=neumf", "teacher.dim=16", "teacher.hidden=[32,16]", "teacher.dropout=0.2",
     "teacher_train.hard_loss=sampled_softmax", "teacher_train.n_negatives=256", "teacher_train.batch_size=16",
     "teacher_train.lr=0.03", f"teacher_train.epochs={EPOCHS}", "eval.batch_size=512", "distill.n_teachers=1",
+    "teacher_search.enabled=false",  # the faults are injected into one teacher's training, not a search
 ]
 # what has to match an uninterrupted run, epoch by epoch
 COMPARED = ("epoch", "loss", "ndcg@10", "recall@10", "best")
@@ -224,7 +225,7 @@ TINY = [
     "data.n_users=120", "data.n_items=80", "data.n_interactions=3000", "data.n_clusters=4",
     "teacher.name=mf", "teacher.dim=32", "teacher.hidden=[]", "student.dim=4", "teacher_train.batch_size=32",
     "student_train.batch_size=32", "student_train.lr=0.02", "student_train.epochs=2", "eval.batch_size=64",
-    "distill.n_teachers=1",
+    "distill.n_teachers=1", "teacher_search.enabled=false",
 ]
 
 

@@ -42,6 +42,7 @@ TINY = {
     "student_train": {"epochs": 2, "batch_size": 64, "lr": 0.02},
     "eval": {"batch_size": 64},
     "distill": {"n_teachers": 1},  # the default ensemble of three would triple the job for no extra coverage
+    "teacher_search": {"enabled": False},  # the job's plumbing is under test, not the teacher search
     # One trial per arm, the space pinned to one point: the job's plumbing is under test, not the search.
     "tune": {"num_samples": 1, "max_concurrent_trials": 1, "max_params_ratio": 0.5,
              "space": {"distill.temperature": None, "distill.alpha": {"choice": [0.5]},

@@ -25,6 +25,7 @@ TINY = [
     "teacher_train.epochs=3", "student_train.epochs=2", "teacher_train.lr=0.02", "student_train.lr=0.02",
     "teacher_train.batch_size=32", "student_train.batch_size=32", "eval.batch_size=64", "distill.n_teachers=1",
     "distill.init_from_teacher=false", "distill.alpha=0.5",
+    "teacher_search.enabled=false",  # the teacher search has its own tests (test_kdray_run_end_to_end, test_study)
 ]
 
 
@@ -101,7 +102,9 @@ def test_non_finite_loss_stops_with_a_clear_error_and_saves_nothing(trained):
 
 
 def test_kdray_run_end_to_end(ray_cluster, tmp_path, capsys):
-    ensemble = ["distill.n_teachers=2", "distill.init_from_teacher=true"]
+    # the default pipeline: a teacher search (2 trials here) before the ensemble
+    ensemble = ["distill.n_teachers=2", "distill.init_from_teacher=true", "teacher_search.enabled=true",
+                "teacher_search.num_samples=2"]
     assert main(["run", *TINY, *ensemble, f"runs_dir={tmp_path}", "name=e2e"]) == 0
     run = tmp_path / "e2e"
     summary = json.loads((run / "metrics.json").read_text())

@@ -35,7 +35,7 @@ TINY = [
     "teacher.name=mf", "teacher.dim=32", "teacher.hidden=[]", "student.dim=4",
     "teacher_train.epochs=3", "student_train.epochs=3", "teacher_train.lr=0.02", "student_train.lr=0.02",
     "teacher_train.batch_size=32", "student_train.batch_size=32", "eval.batch_size=64", "distill.n_teachers=1",
-    "distill.init_from_teacher=false", "distill.alpha=0.5",
+    "distill.init_from_teacher=false", "distill.alpha=0.5", "teacher_search.enabled=false",
 ]
 SEARCH = {"tune": {
     "num_samples": 1, "max_concurrent_trials": 1, "max_params_ratio": 0.5,
