@@ -1,0 +1,49 @@
+"""TensorBoard event files for every model a run trains, written by the driver as each epoch's record arrives
+(kdray.train.progress), so ``tensorboard --logdir RUN/tensorboard`` follows a run live.
+
+Written with tensorboardX, which Ray Train and Tune already install (they use it for their own TensorBoard
+logging); viewing needs the ``tensorboard`` package (``pip install tensorboard``). Tune searches get event files
+from Ray Tune itself, one folder per trial under ``RUN/tune/ray``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import TracebackType
+
+from kdray.train.progress import Event
+
+
+def tag(name: str) -> str:
+    """A reported metric's TensorBoard tag, grouped as the dashboard shows them: ``valid/ndcg@10``, ``train/loss``,
+    ``time/epoch_seconds``."""
+    if "@" in name or name == "best":
+        return f"valid/{name}"
+    if name.endswith("_seconds"):
+        return f"time/{name}"
+    return f"train/{name}"
+
+
+class TensorBoardLog:
+    """One model's event file: every numeric metric of each epoch event, at step = epoch."""
+
+    def __init__(self, logdir: Path):
+        from tensorboardX import SummaryWriter
+
+        logdir.mkdir(parents=True, exist_ok=True)
+        self._writer = SummaryWriter(logdir=str(logdir))
+
+    def epoch(self, event: Event) -> None:
+        if "epoch" not in event:
+            return
+        for name, value in event["metrics"].items():
+            if name != "epoch":
+                self._writer.add_scalar(tag(name), value, global_step=event["epoch"])
+        self._writer.flush()
+
+    def __enter__(self) -> "TensorBoardLog":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._writer.close()
