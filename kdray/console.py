@@ -32,7 +32,8 @@ class Console:
     ``verbose``: Ray's stream already shows the worker's epoch lines, so ``epoch`` shows nothing."""
 
     def __init__(self, out: IO[str] | None = None, *, bar: bool | None = None, verbose: bool = False):
-        self.out = out if out is not None else os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+        self._owned = out is None
+        self.out = out if out is not None else _current_stdout()
         self.bar = self.out.isatty() if bar is None else bar
         self.verbose = verbose
         self._bars: dict[str, tqdm] = {}
@@ -68,7 +69,20 @@ class Console:
 
     def close(self) -> None:
         self._close_bars()
-        self.out.flush()
+        if self._owned and self.out is not sys.stdout:
+            self.out.close()
+        else:
+            self.out.flush()
+
+
+def _current_stdout() -> IO[str]:
+    """Where stdout points now, unaffected by a later :func:`ray_output_to`: a duplicate of its file descriptor, or
+    the stream object itself when it has none (an in-memory capture)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return sys.stdout
+    return os.fdopen(os.dup(fd), "w", buffering=1, encoding=sys.stdout.encoding, errors="replace")
 
 
 def _postfix(metrics: dict[str, Any]) -> str:
@@ -101,7 +115,9 @@ def ray_output_to(log_file: Path | None) -> Iterator[None]:
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
         try:
-            yield
+            # and sys.stdout / sys.stderr themselves, for when they are not backed by descriptors 1 and 2
+            with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+                yield
         finally:
             sys.stdout.flush()
             sys.stderr.flush()

@@ -15,10 +15,10 @@ from kdray.train.progress import Event
 
 
 def tag(name: str) -> str:
-    """A reported metric's TensorBoard tag, grouped as the dashboard shows them: ``valid/ndcg@10``, ``train/loss``,
-    ``time/epoch_seconds``."""
-    if "@" in name or name == "best":
-        return f"valid/{name}"
+    """A reported metric's TensorBoard tag, grouped as the dashboard shows them: ``valid/ndcg_at_10``,
+    ``train/loss``, ``time/epoch_seconds`` (TensorBoard tags cannot hold ``@``)."""
+    if "@" in name or name in ("best", "n_users_evaluated"):
+        return f"valid/{name.replace('@', '_at_')}"
     if name.endswith("_seconds"):
         return f"time/{name}"
     return f"train/{name}"
@@ -31,7 +31,8 @@ class TensorBoardLog:
         from tensorboardX import SummaryWriter
 
         logdir.mkdir(parents=True, exist_ok=True)
-        self._writer = SummaryWriter(logdir=str(logdir))
+        # tensorboardX writes from its own thread and flushes every flush_secs: a second keeps the board live
+        self._writer = SummaryWriter(logdir=str(logdir), flush_secs=1)
 
     def epoch(self, event: Event) -> None:
         if "epoch" not in event:
@@ -39,7 +40,6 @@ class TensorBoardLog:
         for name, value in event["metrics"].items():
             if name != "epoch":
                 self._writer.add_scalar(tag(name), value, global_step=event["epoch"])
-        self._writer.flush()
 
     def __enter__(self) -> "TensorBoardLog":
         return self
