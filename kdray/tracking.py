@@ -3,11 +3,13 @@
 
 Written with tensorboardX, which Ray Train and Tune already install (they use it for their own TensorBoard
 logging); viewing needs the ``tensorboard`` package (``pip install tensorboard``). Tune searches get event files
-from Ray Tune itself, one folder per trial under ``RUN/tune/ray``.
+from Ray Tune itself, one folder per trial under ``RUN/tune/ray``, and go to MLflow through Ray's own
+``MLflowLoggerCallback`` when mlflow is installed (an optional dependency: ``pip install mlflow``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from types import TracebackType
 
@@ -47,3 +49,14 @@ class TensorBoardLog:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self._writer.close()
+
+
+def mlflow_callbacks(experiment: str) -> list:
+    """Ray Tune's ``MLflowLoggerCallback`` logging every trial to the MLflow experiment ``experiment`` when mlflow is
+    installed, else nothing. The tracking server comes from MLflow's own setting (``MLFLOW_TRACKING_URI``; without
+    it, ``./mlruns``)."""
+    if importlib.util.find_spec("mlflow") is None:
+        return []
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    return [MLflowLoggerCallback(experiment_name=experiment)]

@@ -203,3 +203,23 @@ def test_kdray_run_console_shows_kdray_lines_only(tmp_path):
     assert (run / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
     for stage in ("teacher", "student", "student_alone"):
         assert [step for step, _ in _scalars(run / "tensorboard" / stage)["valid/ndcg_at_10"]] == [1, 2]
+
+
+def test_without_mlflow_a_search_gets_no_mlflow_callback(monkeypatch):
+    import importlib.util
+
+    from kdray.tracking import mlflow_callbacks
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    assert mlflow_callbacks("tiny-distilled") == []
+
+
+def test_with_mlflow_a_search_logs_through_rays_callback():
+    pytest.importorskip("mlflow")
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    from kdray.tracking import mlflow_callbacks
+
+    (callback,) = mlflow_callbacks("tiny-distilled")
+    assert isinstance(callback, MLflowLoggerCallback) and callback.experiment_name == "tiny-distilled"
