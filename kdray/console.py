@@ -50,7 +50,7 @@ class Console:
             return
         if "epoch" not in event:  # a note: resuming, early stop
             tqdm.write(f"[{stage}] {event['text']}", file=self.out)
-            if stage in self._bars and event["text"].startswith("early stop"):
+            if stage in self._bars and event.get("final"):
                 self._bars.pop(stage).close()
             return
         if stage not in self._bars:

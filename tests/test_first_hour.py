@@ -84,6 +84,9 @@ def test_console_bar_mode_draws_a_tqdm_bar_per_stage():
         console.epoch("student", epoch_event(e, 3, 0.25))
     text = out.getvalue()
     assert "[student]" in text and "3/3" in text and "ndcg@10 0.2500" in text and "epoch 1/3" not in text
+    console.epoch("teacher", epoch_event(1, 5, 0.5))
+    console.epoch("teacher", {"text": "early stop: no ndcg@10 improvement for 1 epochs", "final": True})
+    assert console._bars == {} and "[teacher] early stop" in out.getvalue()
 
 
 def test_verbose_console_leaves_epochs_to_rays_stream():

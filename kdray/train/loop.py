@@ -265,5 +265,5 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**report, "should_checkpoint": True}, checkpoint=checkpoint)
         if stop:
-            say(f"early stop: no {metric} improvement for {tcfg.patience} epochs")
+            say(f"early stop: no {metric} improvement for {tcfg.patience} epochs", final=True)
             break

@@ -5,8 +5,8 @@ Ray Data and Ray's helper actors write; kdray sends that stream to a log file (k
 travel here instead, as data, through a :class:`ray.util.queue.Queue` (one small actor that reserves no CPU): the
 driver shows them (a line or a progress bar) and writes them to TensorBoard as they arrive.
 
-An event is a dict: ``{"text": ...}`` for a note (resuming, early stop), plus ``epoch``, ``epochs`` and ``metrics``
-(the numbers reported to Ray Train for that epoch) for an epoch.
+An event is a dict: ``{"text": ...}`` for a note (resuming; early stop, which also carries ``final: True``), plus
+``epoch``, ``epochs`` and ``metrics`` (the numbers reported to Ray Train for that epoch) for an epoch.
 """
 
 from __future__ import annotations
