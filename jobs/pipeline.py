@@ -17,7 +17,7 @@ from _job import parser, run_kdray
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser("Run the whole kdray pipeline on the Ray cluster this job runs on.").parse_args(argv)
+    args = parser("Run the whole kdray pipeline on the Ray cluster this job runs on.").parse_intermixed_args(argv)
     return run_kdray("run", args)
 
 

@@ -24,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, help="exported checkpoint directory, readable on every node")
     p.add_argument("--blocking", action=argparse.BooleanOptionalAction, default=False,
                    help="keep the job running while the application serves (default: return once deployed)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     return run_kdray("serve", args, ["--checkpoint", args.checkpoint,
                                      "--blocking" if args.blocking else "--no-blocking"])
 

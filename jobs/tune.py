@@ -19,7 +19,7 @@ from _job import parser, run_kdray
 def main(argv: Sequence[str] | None = None) -> int:
     p = parser("Run a kdray Tune search on the Ray cluster this job runs on.")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     return run_kdray("tune", args, ["--resume"] if args.resume else [])
 
 

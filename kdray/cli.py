@@ -11,7 +11,10 @@
 
 Every command takes ``--address`` (or ``RAY_ADDRESS``) to run on an existing Ray cluster; without it a local cluster
 is started. User mistakes (bad config, missing files, mismatched checkpoints) print one line naming the problem and
-exit with status 2, before any Ray worker starts.
+exit with status 2, before any Ray worker starts. Options and ``key=value`` overrides mix in any order.
+
+``run``, ``teacher`` and ``distill`` print kdray's lines only (stages, epochs, the table); what Ray prints goes to
+RUN/logs/ray.log, or to the console with ``--verbose`` (kdray.console).
 """
 
 from __future__ import annotations
@@ -20,25 +23,33 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from kdray.errors import KdrayError
 from kdray.layout import RunLayout
 
+if TYPE_CHECKING:
+    from kdray.config import Config
 
-def _parser() -> argparse.ArgumentParser:
+
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``kdray`` parser (for ``--help`` and unknown commands) and each command's own parser."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", "-c", help="YAML config (defaults: the built-in synthetic data set)")
     common.add_argument("--address", default=None,
                         help="Ray cluster address (default: $RAY_ADDRESS, else a new local cluster)")
     common.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. student.dim=32")
 
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("--verbose", "-v", action="store_true",
+                       help="show Ray's own logs on the console (by default they go to RUN/logs/ray.log)")
+
     parser = argparse.ArgumentParser(prog="kdray", description="Knowledge distillation for recommenders on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("run", parents=[common], help="the whole pipeline and its report")
+    sub.add_parser("run", parents=[common, quiet], help="the whole pipeline and its report")
     sub.add_parser("data", parents=[common], help="prepare the data (Parquet under the run directory)")
-    sub.add_parser("teacher", parents=[common], help="train the teacher (or the ensemble of teachers)")
-    p = sub.add_parser("distill", parents=[common], help="distil a student from teacher checkpoints")
+    sub.add_parser("teacher", parents=[common, quiet], help="train the teacher (or the ensemble of teachers)")
+    p = sub.add_parser("distill", parents=[common, quiet], help="distil a student from teacher checkpoints")
     p.add_argument("--teacher", action="append", required=True, help="teacher checkpoint directory (repeatable)")
     p.add_argument("--out", help="where to export the student (default RUN/student)")
     p = sub.add_parser("eval", parents=[common], help="evaluate a checkpoint on the test split")
@@ -54,7 +65,19 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep serving until interrupted (default)")
     p.add_argument("--verbose", "-v", action="store_true",
                    help="show Ray's log lines on the console (default: only in RUN/logs/serve.log)")
-    return parser
+    return parser, dict(sub.choices)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Options and ``key=value`` overrides mix in any order (``kdray data a=1 --config F b=2``): each command's
+    parser reads its arguments with ``parse_intermixed_args``, which argparse cannot do across subcommands."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, commands = _parser()
+    if not argv or argv[0] not in commands:
+        return parser.parse_args(argv)  # --help, or an error naming the commands
+    args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    return args
 
 
 # Ray Train V2 workers hand each report to the controller through a queue of one, which the controller drains on its
@@ -81,6 +104,13 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, object_
     else:
         ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory,
                  include_dashboard=False, log_to_driver=log_to_driver, runtime_env=env)
+
+
+def _require_dir(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise KdrayError(f"{what} {p} does not exist")
+    return p
 
 
 def _serve_checkpoint_dir(path: str, run_dir: Path) -> Path:
@@ -122,7 +152,7 @@ def _require_dir(path: str, what: str) -> Path:
 
 def run(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     # Imports after parsing so `kdray --help` is instant and config errors come before Ray starts.
     from kdray.config import load_config
 
@@ -162,35 +192,56 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 0
 
     teachers = [_require_dir(t, "teacher checkpoint") for t in getattr(args, "teacher", None) or []]
-    from kdray.pipeline import (
-        prepare_data,
-        run_pipeline,
-        train_stage,
-        train_teachers,
-        write_resolved_config,
-    )
-
-    init_ray(args.address)
-    if args.command == "run":
-        run_pipeline(cfg)
-    elif args.command == "teacher":
-        write_resolved_config(cfg)
-        for path in train_teachers(cfg, prepare_data(cfg)):
-            print(f"teacher checkpoint: {path}")
-    elif args.command == "distill":
-        write_resolved_config(cfg)
-        out = Path(args.out) if args.out else RunLayout(cfg.run_dir).student
-        print(f"student checkpoint: {train_stage(cfg, 'student', prepare_data(cfg), out, teachers)}")
-    elif args.command == "tune":
+    if args.command == "tune":
         from kdray.tune.search import run_search
 
+        init_ray(args.address)
         run_search(cfg, resume=args.resume)
-    elif args.command == "study":
+        return 0
+    if args.command == "study":
         import shlex
 
         from kdray.tune.study import run_study
 
+        init_ray(args.address)
         run_study(cfg, resume=args.resume, command=shlex.join(["kdray", *argv]))
+        return 0
+    return _train(args, cfg, teachers)
+
+
+def _train(args: argparse.Namespace, cfg: Config, teachers: list[Path]) -> int:
+    """``run``, ``teacher`` and ``distill``: kdray's own lines on the console, and everything Ray prints in
+    RUN/logs/ray.log unless ``--verbose`` (kdray.console)."""
+    import ray
+
+    from kdray.console import Console, ray_output_to
+    from kdray.pipeline import prepare_data, run_pipeline, train_stage, train_teachers, write_resolved_config
+
+    console = Console(verbose=args.verbose)
+    ray_log = None if args.verbose else RunLayout(cfg.run_dir).ray_log
+    if ray_log is not None:
+        console.log(f"[ray] Ray's own logs: {ray_log} (--verbose shows them here)")
+    started = not ray.is_initialized()
+    try:
+        with ray_output_to(ray_log):
+            try:
+                init_ray(args.address)
+                if args.command == "run":
+                    run_pipeline(cfg, log=console.log, on_epoch=console.epoch)
+                elif args.command == "teacher":
+                    write_resolved_config(cfg)
+                    for path in train_teachers(cfg, prepare_data(cfg), console.log, console.epoch):
+                        console.log(f"teacher checkpoint: {path}")
+                elif args.command == "distill":
+                    write_resolved_config(cfg)
+                    out = Path(args.out) if args.out else RunLayout(cfg.run_dir).student
+                    path = train_stage(cfg, "student", prepare_data(cfg), out, teachers, console.log, console.epoch)
+                    console.log(f"student checkpoint: {path}")
+            finally:
+                if started and ray.is_initialized():  # while Ray's last lines still go to the log
+                    ray.shutdown()
+    finally:
+        console.close()
     return 0
 
 

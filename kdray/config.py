@@ -115,7 +115,8 @@ class DataConfig:
     item_col: Str = "item"
     rating_col: Str | None = None
     timestamp_col: Str | None = None
-    sep: Str = ","
+    sep: Str = ","  # csv: one character, or a name: tab (or \t), comma, semicolon, pipe, space (see separator())
+    header: Bool = True  # csv: false = no header row; columns by position: user, item[, rating][, timestamp]
     # preprocessing
     min_rating: Float | None = None  # implicit feedback: keep rating >= min_rating (None keeps every row)
     k_core: NonNegInt = 0  # iteratively drop users and items with fewer interactions (0 = off)
@@ -132,6 +133,15 @@ class DataConfig:
     latent_dim: PosInt = 8
     popularity_exponent: NonNegFloat = 1.0  # Zipf exponent of the long-tail item popularity
     seed: Int = 0
+
+
+SEPARATOR_NAMES = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "pipe": "|", "space": " "}
+
+
+def separator(sep: str) -> str:
+    """``data.sep`` as the character the CSV reader splits on: the character itself, or one of SEPARATOR_NAMES
+    (``tab`` and ``\\t`` spare users a literal tab, which shells and YAML make hard to type)."""
+    return SEPARATOR_NAMES.get(sep.lower(), sep)
 
 
 @section
@@ -338,6 +348,11 @@ class Config:
                    f"data.split: 'given' needs a source with its own split (lightgcn), not {d.source!r}")
         if d.source in ("csv", "parquet"):
             _check(bool(d.user_col) and bool(d.item_col), "data.user_col and data.item_col must name columns")
+        sep = separator(d.sep)
+        _check(len(sep) == 1 and sep not in "\"\r\n" and not sep.isalnum(),
+               f"data.sep: {d.sep!r} is not a usable separator; expected one character that is not a letter, digit, "
+               f"quote or newline, or one of the names {', '.join(SEPARATOR_NAMES)} (a literal tab typed in a shell "
+               "is often lost: write data.sep=tab)")
         if d.min_rating is not None:
             _check(d.source != "lightgcn", "data.min_rating: the lightgcn layout has no ratings")
 
@@ -415,7 +430,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r}: expected key=value, for example student.dim=32")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        # a value of only whitespace is meant literally (data.sep=<TAB>); YAML would read it as nothing
+        value = yaml.safe_load(raw) if raw.strip() else raw
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or e
         raise ConfigError(f"override {_short(text)}: the value is not valid YAML ({problem})") from None

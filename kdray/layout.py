@@ -12,6 +12,9 @@ A run lives in one deterministic directory, ``RUNS_DIR/NAME`` (no timestamps, so
     tune/                  a search: search.json, ray/ (Tune state), trials/ARM/TRIAL/ (exported students)
     best/                  the search's winner
     metrics.json, report.md
+    learning_curves.png    validation metric per epoch of every model of the run
+    logs/ray.log           what Ray printed (the console shows kdray's lines only)
+    tensorboard/STAGE/     TensorBoard event files, one folder per trained model
 """
 
 from __future__ import annotations
@@ -61,6 +64,18 @@ class RunLayout:
     @property
     def report(self) -> Path:
         return self.root / "report.md"
+
+    @property
+    def learning_curves(self) -> Path:
+        return self.root / "learning_curves.png"
+
+    @property
+    def ray_log(self) -> Path:
+        return self.root / "logs" / "ray.log"
+
+    def tensorboard(self, stage: str) -> Path:
+        """The event files of one trained model (``stage`` is its checkpoint folder's name: teacher, student...)."""
+        return self.root / "tensorboard" / stage
 
     @property
     def tune(self) -> Path:

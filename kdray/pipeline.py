@@ -10,6 +10,9 @@ Every stage writes under one deterministic run directory (``RUNS_DIR/NAME``)::
     student_alone/         the same student trained without distillation
     ray/                   Ray Train's own run state (resumable)
     metrics.json, report.md
+    learning_curves.png    validation metric per epoch of every model (linked from report.md)
+    logs/ray.log           Ray's own output (kdray.console)
+    tensorboard/STAGE/     TensorBoard event files (kdray.tracking)
 
 A stage whose exported checkpoint exists with the same settings is reused, and Ray Train resumes a stage that was
 interrupted, so running the same command again after a crash continues instead of starting over.
@@ -21,7 +24,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -31,8 +34,13 @@ from kdray.data.prepare import PreparedData, prepare
 from kdray.distill import without_distillation
 from kdray.evaluate import evaluate_checkpoint
 from kdray.layout import RunLayout, atomic_write_text
+from kdray.plots import learning_curves
+from kdray.tracking import TensorBoardLog
 from kdray.train.driver import train_model
+from kdray.train.progress import Event
 from kdray.tune.teacher import teacher_note, tuning_labels
+
+OnEpoch = Callable[[str, Event], None]  # (stage, event): e.g. kdray.console.Console.epoch
 
 TABLE_METRICS = ("recall@10", "ndcg@10", "hr@10", "mrr@10")
 
@@ -59,19 +67,27 @@ def stage_key_of(cfg: Config, role: str, teachers: list[Path]) -> str:
 
 
 def train_stage(cfg: Config, role: str, data: PreparedData, out_dir: Path,
-                teachers: list[Path] | None = None, log=print) -> Path:
-    """Trains (or reuses) one model and returns its exported checkpoint directory."""
+                teachers: list[Path] | None = None, log=print, on_epoch: OnEpoch | None = None) -> Path:
+    """Trains (or reuses) one model and returns its exported checkpoint directory. Each epoch's record goes to
+    TensorBoard (RUN/tensorboard/STAGE) and to ``on_epoch``."""
     teachers = teachers or []
     key = stage_key_of(cfg, role, teachers)
     if stage_key(out_dir) == key:
         log(f"[{out_dir.name}] reusing {out_dir} (same settings)")
         return out_dir
     log(f"[{out_dir.name}] training on Ray Train ({cfg.ray.num_workers} worker(s))")
-    train_model(cfg, role, data, out_dir=out_dir, name=f"{out_dir.name}-{key}", teachers=teachers, stage_key=key)
+    with TensorBoardLog(RunLayout(cfg.run_dir).tensorboard(out_dir.name)) as board:
+        def progress(event: Event) -> None:
+            board.epoch(event)
+            if on_epoch is not None:
+                on_epoch(out_dir.name, event)
+
+        train_model(cfg, role, data, out_dir=out_dir, name=f"{out_dir.name}-{key}", teachers=teachers,
+                    stage_key=key, progress=progress)
     return out_dir
 
 
-def train_teachers(cfg: Config, data: PreparedData, log=print) -> list[Path]:
+def train_teachers(cfg: Config, data: PreparedData, log=print, on_epoch: OnEpoch | None = None) -> list[Path]:
     """One teacher, or ``distill.n_teachers`` of them with consecutive seeds (an ensemble). With
     ``teacher_search.enabled`` (the default) their training settings are the winner of a small Tune search on
     validation, whose winning trial is the first teacher (kdray.tune.teacher)."""
@@ -83,7 +99,7 @@ def train_teachers(cfg: Config, data: PreparedData, log=print) -> list[Path]:
     out = []
     for i in range(n):
         sub = cfg if i == 0 else replace(cfg, **{"teacher_train.seed": cfg.teacher_train.seed + i})
-        out.append(train_stage(sub, "teacher", data, RunLayout(cfg.run_dir).teacher(i), log=log))
+        out.append(train_stage(sub, "teacher", data, RunLayout(cfg.run_dir).teacher(i), log=log, on_epoch=on_epoch))
     return out
 
 
@@ -94,24 +110,25 @@ class RunReport:
     seconds: float
 
 
-def run_pipeline(cfg: Config, log=print) -> RunReport:
+def run_pipeline(cfg: Config, log=print, on_epoch: OnEpoch | None = None) -> RunReport:
     t0 = time.perf_counter()
     layout = RunLayout(cfg.run_dir)
     write_resolved_config(cfg)
     data = prepare_data(cfg)
     log(f"[data] {data.n_users} users, {data.n_items} items, {data.train.nnz} train / {data.valid.nnz} valid / "
         f"{data.test.nnz} test interactions in {data.path}")
-    teachers = train_teachers(cfg, data, log)
-    student = train_stage(cfg, "student", data, layout.student, teachers, log)
-    control = train_stage(without_distillation(cfg), "student", data, layout.student_alone, [], log)
+    teachers = train_teachers(cfg, data, log, on_epoch)
+    student = train_stage(cfg, "student", data, layout.student, teachers, log, on_epoch)
+    control = train_stage(without_distillation(cfg), "student", data, layout.student_alone, [], log, on_epoch)
 
     tuning = tuning_labels(cfg, len(teachers))
-    rows = []
+    rows, histories = [], []
     for label, path in [*((p.name, p) for p in teachers), ("student (distilled)", student),
                         ("student (alone)", control)]:
         log(f"[eval] {label}: test split, full ranking")
         metrics = evaluate_checkpoint(path, data, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size)
         trained = load_checkpoint(path).metrics
+        histories.append((label, trained.get("history", [])))
         rows.append({"model": label, "path": str(path), **metrics, "train_seconds": trained.get("train_seconds"),
                      "best_epoch": trained.get("best_epoch"), "tuning": tuning[label],
                      f"valid_{cfg.select_metric}": trained.get(f"valid_{cfg.select_metric}")})
@@ -123,6 +140,7 @@ def run_pipeline(cfg: Config, log=print) -> RunReport:
                "data": {"n_users": data.n_users, "n_items": data.n_items, "train": data.train.nnz,
                         "valid": data.valid.nnz, "test": data.test.nnz}}
     atomic_write_text(layout.metrics, json.dumps(summary, indent=2) + "\n")
+    learning_curves(histories, cfg.select_metric, layout.learning_curves)
     note = teacher_note(cfg.select_metric, [r[f"valid_{cfg.select_metric}"] for r in rows[:len(teachers)]],
                         rows[-1][f"valid_{cfg.select_metric}"])
     table = format_table(rows) + (f"\n\n{note}" if note else "")
@@ -146,6 +164,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def _report(cfg: Config, data: PreparedData, table: str, seconds: float) -> str:
     d = cfg.distill
+    curves = RunLayout(cfg.run_dir).learning_curves.name
     return (
         f"# kdray run `{cfg.name}`\n\n"
         f"Data: `{cfg.data.source}` ({data.n_users:,} users, {data.n_items:,} items; "
@@ -156,5 +175,7 @@ def _report(cfg: Config, data: PreparedData, table: str, seconds: float) -> str:
         f"Student: `{cfg.student.name}` dim {cfg.student.dim}. Distillation: `{d.loss}`, alpha {d.alpha}, "
         f"T {d.temperature}, top-K {d.topk}, training positives masked: {d.mask_seen}.\n\n"
         "Test split, full-catalog ranking with each user's training and validation items masked; models selected "
-        f"by validation {cfg.select_metric}.\n\n{table}\n\nTotal wall time {seconds:.0f} s.\n"
+        f"by validation {cfg.select_metric}.\n\n{table}\n\n"
+        f"![Learning curves: validation {cfg.select_metric} per epoch of every model]({curves})\n\n"
+        f"Total wall time {seconds:.0f} s.\n"
     )

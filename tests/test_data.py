@@ -15,11 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kdray.config import DataConfig, fingerprint
+from kdray.config import DataConfig, fingerprint, load_config
 from kdray.data.prepare import (ITEMS, META, TRAIN_BY_USER, USERS, PreparedData, k_core, load_prepared, prepare,
                                 ratio_counts)
 from kdray.data.readers import load_raw
-from kdray.errors import DataError
+from kdray.errors import ConfigError, DataError
 
 OCCUPATIONS = ["artist", "doctor", "engineer", "student"]
 
@@ -134,6 +134,41 @@ def test_csv_and_parquet_with_column_map(tmp_path):
     data = prepare(cfg_for("csv", tmp_path / "x.csv", **kw, sep=";", split="loo"), tmp_path / "out")
     assert data.user_ids.tolist() == ["u10", "u2", "u9"]  # string ids in text order
     assert pairs(data, "test") == {("u10", "7")} and pairs(data, "train") == {("u10", "5"), ("u9", "7"), ("u2", "5")}
+
+
+@pytest.mark.parametrize("sep", ["tab", "\\t", "TAB", "\t"])
+def test_tsv_by_name_or_character(tmp_path, sep):
+    write(tmp_path / "x.tsv", "who\twhat\tstars\nu1\t5\t4.5\nu2\t7\t1\n")
+    cfg = load_config(None, ["data.source=csv", f"data.path={tmp_path / 'x.tsv'}", f"data.sep={sep}",
+                             "data.user_col=who", "data.item_col=what", "data.rating_col=stars"]).data
+    raw = load_raw(cfg)
+    assert raw.users.tolist() == ["u1", "u2"] and raw.items.tolist() == [5, 7] and raw.ratings.tolist() == [4.5, 1.0]
+
+
+@pytest.mark.parametrize("sep", ["", "'::'", "a", "'7'", "'\"'", "\n"])
+def test_unusable_separators_are_refused_when_the_config_loads(sep):
+    with pytest.raises(ConfigError, match=r"data.sep: .* is not a usable separator.*data.sep=tab"):
+        load_config(None, [f"data.sep={sep}"])
+
+
+def test_headerless_csv_reads_columns_by_position(tmp_path):
+    # u.data-like: user, item, rating, timestamp; no header row
+    write(tmp_path / "u.tsv", "1\t10\t5\t300\n2\t10\t3\t100\n2\t11\t4\t200\n")
+    base = dict(path=tmp_path / "u.tsv", sep="tab")
+    raw = load_raw(cfg_for("csv", **base, header=False))  # only user and item: the trailing columns are not read
+    assert raw.users.tolist() == [1, 2, 2] and raw.items.tolist() == [10, 10, 11]
+    assert raw.ratings is None and raw.timestamps is None
+    raw = load_raw(cfg_for("csv", **base, header=False, rating_col="r", timestamp_col="t"))
+    assert raw.ratings.tolist() == [5.0, 3.0, 4.0] and raw.timestamps.tolist() == [300, 100, 200]
+    # the first row is data, not a header: a header-mode read of the same file loses it
+    assert load_raw(cfg_for("csv", **base, user_col="1", item_col="10", header=True)).users.tolist() == [2, 2]
+
+
+def test_headerless_csv_with_too_few_columns_says_which_order(tmp_path):
+    write(tmp_path / "two.csv", "1,10\n2,11\n")
+    with pytest.raises(DataError, match=r"two.csv line 1: expected 3 fields separated by ','.*without a header row, "
+                                        r"in this order: user, item, stars.*found 2"):
+        load_raw(cfg_for("csv", tmp_path / "two.csv", header=False, rating_col="stars"))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -106,6 +106,18 @@ def test_tune_and_serve_scripts(captured, monkeypatch):
     assert "--blocking" in captured[-1]
 
 
+def test_overrides_and_options_mix_in_any_order(captured, monkeypatch):
+    pipeline = _load_script("pipeline", monkeypatch)
+    pipeline.main(["student.dim=8", "--config", "c.yaml", "runs_dir=/r"])
+    assert captured[-1] == ["run", "--config", "c.yaml", "--address", "auto", "student.dim=8", "runs_dir=/r"]
+    tune = _load_script("tune", monkeypatch)
+    tune.main(["tune.num_samples=4", "--resume", "a=1"])
+    assert captured[-1] == ["tune", "--address", "auto", "--resume", "tune.num_samples=4", "a=1"]
+    serve = _load_script("serve", monkeypatch)
+    serve.main(["serve.port=9000", "--checkpoint", "ck"])
+    assert captured[-1] == ["serve", "--address", "auto", "--checkpoint", "ck", "--no-blocking", "serve.port=9000"]
+
+
 def test_a_bad_config_exits_2_with_one_line_before_ray_starts(monkeypatch, capsys, tmp_path):
     import kdray.cli
 

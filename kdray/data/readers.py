@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kdray.config import DataConfig
+from kdray.config import DataConfig, separator
 from kdray.data.download import download_movielens
 from kdray.data.synthetic import generate
 from kdray.errors import DataError
@@ -82,11 +82,13 @@ def _first_bad_line(path: Path, sep: str, n_fields: int) -> tuple[int, str]:
 
 def read_text_table(path: Path, fields: Sequence[str], what: str, *, sep: str, header: bool = False,
                      data: bytes | None = None, shown_sep: str | None = None,
-                     required: Sequence[str] | None = None, quoting: int = csv.QUOTE_NONE) -> pd.DataFrame:
+                     required: Sequence[str] | None = None, quoting: int = csv.QUOTE_NONE,
+                     leading_fields: bool = False) -> pd.DataFrame:
     """Reads a delimited file with the pandas C parser into columns ``fields``; blank lines are skipped. Wrong
     field counts, empty ``required`` fields (default: all) and unparsable files raise DataError naming the line.
     ``data`` replaces the file's bytes (``::`` files are re-delimited first); ``shown_sep`` is the separator named
     in messages. ``quoting``: MovieLens files use none (a title may hold a '"'); CSV files may quote fields.
+    ``leading_fields``: a headerless file may have more columns than ``fields``; the first ones are read.
     The returned frame's index is each row's line number."""
     shown_sep = shown_sep or sep
     first = 2 if header else 1  # line number of the first data row
@@ -110,11 +112,12 @@ def read_text_table(path: Path, fields: Sequence[str], what: str, *, sep: str, h
             raise DataError(f"{path}: missing column {missing[0]!r}; the header has {list(df.columns)}, "
                             f"expected {what}")
         df = df[list(fields)]
-    elif df.shape[1] != len(fields):
+    elif df.shape[1] != len(fields) and not (leading_fields and df.shape[1] > len(fields)):
         line, text = _first_bad_line(path, shown_sep, len(fields))
         raise DataError(f"{path} line {line}: expected {len(fields)} fields separated by {shown_sep!r} ({what}), "
                         f"found {len(text.split(shown_sep))}: {text!r}")
     else:
+        df = df.iloc[:, :len(fields)]
         df.columns = list(fields)
     if blank.any():
         df = df[~blank]
@@ -126,8 +129,9 @@ def read_text_table(path: Path, fields: Sequence[str], what: str, *, sep: str, h
         if na.any():
             line = int(df.index[np.argmax(na)])
             text = _line(path, line)
-            if len(text.split(shown_sep)) != len(fields):
-                raise DataError(f"{path} line {line}: found {len(text.split(shown_sep))} fields; expected "
+            n = len(text.split(shown_sep))
+            if n < len(fields) or (n > len(fields) and not leading_fields):
+                raise DataError(f"{path} line {line}: found {n} fields; expected "
                                 f"{len(fields)} separated by {shown_sep!r} ({what}): {text!r}")
             raise DataError(f"{path} line {line}: column {col!r} is empty or NaN; expected a value ({what}): "
                             f"{text!r}")
@@ -316,9 +320,13 @@ def _mapped_table(cfg: DataConfig, path: Path) -> RawData:
     """A CSV or Parquet file (or Parquet folder) with the columns named by the config's column map."""
     cols = [c for c in (cfg.user_col, cfg.item_col, cfg.rating_col, cfg.timestamp_col) if c]
     what = f"the columns {cols} (data.user_col, item_col, rating_col, timestamp_col)"
+    if cfg.source == "csv" and not cfg.header:
+        what = (f"{len(cols)} columns without a header row, in this order: {', '.join(cols)} "
+                "(data.header=false; set data.rating_col / data.timestamp_col to read the 3rd / 4th)")
     require_file(path, f"a {cfg.source} file with {what}")
     if cfg.source == "csv":
-        df = read_text_table(path, cols, what, sep=cfg.sep, header=True, quoting=csv.QUOTE_MINIMAL)
+        df = read_text_table(path, cols, what, sep=separator(cfg.sep), header=cfg.header,
+                              quoting=csv.QUOTE_MINIMAL, leading_fields=not cfg.header)
         where = "line"
     else:
         try:

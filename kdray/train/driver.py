@@ -4,11 +4,12 @@ trial."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -34,6 +35,7 @@ from kdray.train.loop import (
     train_worker,
 )
 from kdray.train.objective import Objective
+from kdray.train.progress import EpochFeed, Event
 
 
 @dataclass(frozen=True)
@@ -71,10 +73,12 @@ def _user_error(error: BaseException) -> BaseException:
 
 def train_model(cfg: Config, role: str, data: PreparedData, *, out_dir: Path, name: str,
                 teachers: Sequence[Path] = (), storage_path: str | None = None,
-                callbacks: Sequence[Any] = (), stage_key: str | None = None) -> TrainOutcome:
+                callbacks: Sequence[Any] = (), stage_key: str | None = None,
+                progress: Callable[[Event], None] | None = None) -> TrainOutcome:
     """Trains a teacher or a student on Ray Train and exports its best epoch to ``out_dir``.
 
     ``name`` is the Ray Train run name: rerunning with the same name and storage resumes an interrupted run.
+    ``progress`` receives each epoch's record (kdray.train.progress) in this process while ``fit`` runs.
     """
     import ray
     import ray.data
@@ -112,11 +116,13 @@ def train_model(cfg: Config, role: str, data: PreparedData, *, out_dir: Path, na
 
     use_gpu = resolve_use_gpu(cfg)
     storage = storage_path or cfg.ray.storage_path or str(RunLayout(cfg.run_dir).ray.resolve())
+    feed = EpochFeed(progress) if progress is not None else None
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
             "config": to_dict(cfg), "role": role, "payload": ray.put(payload_for(data)),
             "init_state": ray.put(model_state(initial)), "teachers": teacher_refs,
+            "progress": feed.queue if feed is not None else None,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
@@ -130,7 +136,8 @@ def train_model(cfg: Config, role: str, data: PreparedData, *, out_dir: Path, na
     )
     t0 = time.perf_counter()
     try:
-        result = trainer.fit()
+        with feed or contextlib.nullcontext():
+            result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise _user_error(e) from None
     seconds = time.perf_counter() - t0

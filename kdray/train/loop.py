@@ -43,6 +43,7 @@ from kdray.metrics import full_ranking_evaluate
 from kdray.models import RecModel
 from kdray.sparse import Csr
 from kdray.train.objective import Batch, Objective, batch_loss, sampling_log_q
+from kdray.train.progress import send
 from kdray.train.shard import LocalShard, table_batch
 
 FAILURE_KEY = "failure"  # a reported metric that carries why training stopped (a non-finite loss)
@@ -177,6 +178,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     payload: WorkerPayload = ray.get(loop_config["payload"])
     metric = cfg.select_metric
+    feed = loop_config.get("progress")  # the driver's EpochFeed queue, or None
+
+    def say(text: str, **fields: Any) -> None:
+        """Rank 0's line for the worker log (``[role] text``) and the same news, as data, for the driver."""
+        if rank == 0:
+            print(f"[{role}] {text}", flush=True)
+            send(feed, {"text": text, **fields})
 
     model = rebuild(ray.get(loop_config["init_state"]), device)  # built (and seeded) once by the driver
     teachers = [frozen(rebuild(ray.get(ref), device)) for ref in loop_config.get("teachers", [])]
@@ -199,8 +207,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         start_epoch, best, bad_epochs = state["epoch"], state["best"], state["bad_epochs"]
         history = json.loads(state["history"])
         resumed_after = [*state.get("resumed_after", []), start_epoch]  # a worker-group restart or a new driver
-        if rank == 0:
-            print(f"[{role}] resuming after epoch {start_epoch} (best {metric} {best:.4f})", flush=True)
+        say(f"resuming after epoch {start_epoch} (best {metric} {best:.4f})")
         if tcfg.patience > 0 and bad_epochs >= tcfg.patience:
             # It had stopped early and only its export was lost (a driver killed after fit): train no further epoch,
             # or the rerun would train one more than the uninterrupted run and might pick another best model.
@@ -245,10 +252,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         record = {"epoch": epoch + 1, **{k: v / max(steps, 1) for k, v in sums.items()}, **val,
                   "best": best, "train_seconds": train_seconds, "epoch_seconds": time.perf_counter() - t0}
         history.append(record)
-        if rank == 0:
-            parts_text = " ".join(f"{k} {v / max(steps, 1):.4f}" for k, v in sums.items())
-            print(f"[{role}] epoch {epoch + 1}/{tcfg.epochs} {parts_text} val {metric} {score:.4f}"
-                  f"{' *' if improved else ''} ({record['epoch_seconds']:.1f}s)", flush=True)
+        report = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+        parts_text = " ".join(f"{k} {v / max(steps, 1):.4f}" for k, v in sums.items())
+        say(f"epoch {epoch + 1}/{tcfg.epochs} {parts_text} val {metric} {score:.4f}{' *' if improved else ''} "
+            f"({record['epoch_seconds']:.1f}s)", epoch=epoch + 1, epochs=tcfg.epochs, metrics=report)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
@@ -256,9 +263,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                     "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "best": best, "bad_epochs": bad_epochs,
                     "history": json.dumps(history), "resumed_after": resumed_after})
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            report = {k: v for k, v in record.items() if isinstance(v, (int, float))}
             ray.train.report({**report, "should_checkpoint": True}, checkpoint=checkpoint)
         if stop:
-            if rank == 0:
-                print(f"[{role}] early stop: no {metric} improvement for {tcfg.patience} epochs", flush=True)
+            say(f"early stop: no {metric} improvement for {tcfg.patience} epochs", final=True)
             break

@@ -50,6 +50,7 @@ from ray import tune
 from kdray.config import Config, replace, to_dict
 from kdray.errors import ConfigError, KdrayError
 from kdray.layout import RunLayout, atomic_replace_dir
+from kdray.tracking import mlflow_callbacks
 from kdray.tune.asha import Decisions, GracefulASHA, StopWhenAsked, TrialStopped
 from kdray.tune.report import (
     STOPPED,
@@ -233,7 +234,8 @@ def run_arm(cfg: Config, arm: str, space: dict[str, dict[str, Any]], data_dir: P
                     max_concurrent_trials=None if cfg.tune.searcher == "random" else cfg.tune.max_concurrent_trials,
                     trial_dirname_creator=_trial_dirname),
                 run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1,
-                                          failure_config=tune.FailureConfig(max_failures=0)),
+                                          failure_config=tune.FailureConfig(max_failures=0),
+                                          callbacks=mlflow_callbacks(name)),  # [] without mlflow
             )
         grid = tuner.fit()
     finally:
