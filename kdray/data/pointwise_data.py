@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -53,6 +54,10 @@ class FeatureSpec:
     num_std: list[float]
     like_threshold: float
     rating_mean: float
+    # the fields that are constant per user (per item) in the training rows, e.g. age, genres: their encoded value
+    # (categorical id, or standardised number) for every dense user (item) id, so serving needs only raw ids
+    user_fields: dict[str, list[float]]
+    item_fields: dict[str, list[float]]
 
     def model_shape(self) -> dict[str, Any]:
         """The data-dependent arguments of ``build_pointwise_model``."""
@@ -68,10 +73,25 @@ class FeatureSpec:
 
     @classmethod
     def from_table(cls, t: PointwiseTable) -> "FeatureSpec":
+        train = t.split == 0
+        values = np.concatenate([t.cat.astype(np.float64), t.num.astype(np.float64)], axis=1)[train]
+        names = [*t.cat_names, *t.num_names]
         return cls(user_ids=t.user_ids.tolist(), item_ids=t.item_ids.tolist(), cat_names=list(t.cat_names),
                    cat_vocab=[list(v) for v in t.cat_vocab], num_names=list(t.num_names),
                    num_mean=[float(x) for x in t.num_mean], num_std=[float(x) for x in t.num_std],
-                   like_threshold=t.like_threshold, rating_mean=t.rating_mean())
+                   like_threshold=t.like_threshold, rating_mean=t.rating_mean(),
+                   user_fields=_constant_fields(t.user[train], values, names, t.user_ids.size),
+                   item_fields=_constant_fields(t.item[train], values, names, t.item_ids.size))
+
+
+def _constant_fields(ids: np.ndarray, values: np.ndarray, names: list[str], n: int) -> dict[str, list[float]]:
+    """The fields whose value never varies within one id's training rows, as ``{field: [value of id 0, 1, ...]}``
+    (0, the unknown id or the training mean, for an id without training rows)."""
+    frame = pd.DataFrame(values, columns=names)
+    groups = frame.groupby(ids)
+    constant = groups.nunique().le(1).all(axis=0)
+    first = groups.first().reindex(np.arange(n), fill_value=0.0)
+    return {name: first[name].astype(float).tolist() for name in names if constant[name]}
 
 
 @dataclass(frozen=True)
