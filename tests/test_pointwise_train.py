@@ -13,7 +13,9 @@ import pytest
 from kdray.checkpoint import load_checkpoint
 from kdray.config import load_config
 from kdray.data.pointwise_data import load_pointwise, prepare_pointwise
+from kdray.layout import RunLayout
 from kdray.pipeline import run_pipeline
+from kdray.pointwise_run import _students
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +44,7 @@ def tiny(tmp_path: Path, config: str, *extra: str):
         "data.item_col=iid", "data.rating_col=stars", "pointwise.categorical=[taste, genre]",
         "pointwise.numeric=[age]", "teacher.dim=8", "teacher.hidden=[16]",
         "pointwise.teacher_options={cross_layers: 1}", "student.dim=4", "teacher_train.epochs=2",
-        "student_train.epochs=2", "teacher_train.batch_size=256", "student_train.batch_size=256",
+        "student_train.epochs=1", "teacher_train.batch_size=256", "student_train.batch_size=256",
         "teacher_train.lr=0.01", "student_train.lr=0.01", "ray.cpus_per_worker=0.5", *extra])
 
 
@@ -83,16 +85,27 @@ def test_run_single_task_end_to_end(ray_cluster, tmp_path):
     lines: list[str] = []
     run_pipeline(cfg, log=lines.append)
     assert sum("reusing" in line for line in lines) == 3
+    assert "auc" in load_checkpoint(cfg.run_dir / "teacher").metrics["history"][1]
 
 
-def test_run_multitask_compares_single_and_multi_task_students(ray_cluster, tmp_path):
-    cfg = tiny(tmp_path, "ml-100k-multitask.yaml", "pointwise.teacher_options={multitask: mmoe, n_experts: 2}")
+def test_multitask_config_adds_single_task_students_alone_and_distilled(tmp_path):
+    cfg = tiny(tmp_path, "ml-100k-multitask.yaml")
+    stages = {label: (sub.pointwise.heads, sub.distill.loss) for label, sub, _ in _students(cfg, RunLayout(tmp_path))}
+    assert stages == {"multi-task student (distilled)": (("like", "rating"), "soft_bce"),
+                      "multi-task student (alone)": (("like", "rating"), "none"),
+                      "single-task student (distilled)": (("like",), "soft_bce"),
+                      "single-task student (alone)": (("like",), "none")}
+
+
+def test_run_multitask_end_to_end(ray_cluster, tmp_path):
+    # the single-task rows of this config are two more students of the kind the single-task run trains (see above)
+    cfg = tiny(tmp_path, "ml-100k-multitask.yaml", "pointwise.teacher_options={multitask: mmoe, n_experts: 2}",
+               "pointwise.compare_single_task=false")
     report = run_pipeline(cfg, log=lambda _: None)
     rows = {r["model"]: r for r in report.rows}
-    assert list(rows) == ["teacher", "multi-task student (distilled)", "multi-task student (alone)",
-                          "single-task student (distilled)", "single-task student (alone)"]
-    assert rows["teacher"]["heads"] == ["like", "rating"] and "test_rmse" in rows["teacher"]
-    assert "test_mae" in rows["multi-task student (distilled)"]
-    assert rows["single-task student (alone)"]["heads"] == ["like"]
+    assert list(rows) == ["teacher", "multi-task student (distilled)", "multi-task student (alone)"]
+    assert load_checkpoint(cfg.run_dir / "teacher").args["multitask"] == "mmoe"
+    for row in rows.values():
+        assert row["heads"] == ["like", "rating"] and row["test_rmse"] > 0 and row["test_mae"] > 0
     summary = json.loads((cfg.run_dir / "metrics.json").read_text())
-    assert len(summary["rows"]) == 5
+    assert len(summary["rows"]) == 3 and "RMSE" in (cfg.run_dir / "report.md").read_text()
