@@ -404,8 +404,9 @@ def _check_pointwise(cfg: "Config") -> None:
 def pointwise_options(cfg: "Config", role: str, heads: Sequence[str]) -> dict[str, Any]:
     """The pointwise model options of ``role`` ("teacher"/"student"): ``dim``, ``hidden`` (when given) and
     ``dropout`` (for the models that take it) from the model section, then ``pointwise.<role>_options``."""
-    from kdray.models.pointwise import POINTWISE_MODELS
     import inspect
+
+    from kdray.models.pointwise import POINTWISE_MODELS
 
     m = getattr(cfg, role)
     params = inspect.signature(POINTWISE_MODELS[m.name].__init__).parameters

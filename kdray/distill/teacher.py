@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from kdray.distill import losses
 from kdray.checkpoint import build_from_info, model_info
+from kdray.distill import losses
 from kdray.models import RecModel, embedding_tables
 from kdray.models.pointwise import PointwiseModel
 from kdray.train.shard import table_batch

@@ -156,8 +156,7 @@ def pointwise_setup(cfg: Config, role: str, data: PointwiseData, teachers: Seque
     import ray
     import ray.data
 
-    from kdray.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-    from kdray.checkpoint import Vocab, empty_seen
+    from kdray.checkpoint import CheckpointError, Vocab, empty_seen, load_checkpoint, save_checkpoint
     from kdray.distill.teacher import model_state
 
     uses_teacher = distilling(cfg, role)
