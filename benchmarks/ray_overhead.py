@@ -38,7 +38,7 @@ from kdray.models import model_from_config  # noqa: E402
 from kdray.pipeline import prepare_data  # noqa: E402
 from kdray.train.driver import train_model  # noqa: E402
 from kdray.train.loop import run_epoch  # noqa: E402
-from kdray.train.objective import Objective, sampling_log_q  # noqa: E402
+from kdray.train.objective import Objective, batch_loss, sampling_log_q  # noqa: E402
 from kdray.train.shard import LocalShard  # noqa: E402
 
 
@@ -57,7 +57,8 @@ def plain_epochs(cfg, data, role: str, epochs: int, teachers=()) -> list[float]:
     for epoch in range(epochs):
         batches = shard.batches(tcfg.batch_size, n_steps, np.random.default_rng(epoch))
         t0 = time.perf_counter()
-        run_epoch(model, opt, batches, list(teachers), obj, "cpu", log_q, torch.Generator().manual_seed(epoch))
+        gen = torch.Generator().manual_seed(epoch)
+        run_epoch(model, opt, batches, lambda m, b: batch_loss(m, list(teachers), b, obj, log_q, gen))
         times.append(time.perf_counter() - t0)
     return times
 

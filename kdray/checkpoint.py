@@ -8,6 +8,11 @@ Layout (``FILES``)::
     config.json       the resolved kdray config of the run that trained it
     metrics.json      validation (and, once evaluated, test) metrics
     vocab.npz         raw user and item ids (index = dense id) and each user's training items (CSR) for masking
+    features.json     pointwise models only: the feature vocabularies and normalisation statistics that turn raw
+                      (user, item, features) into a batch (``kdray.data.pointwise_data.FeatureSpec``)
+
+``model.json`` says which registry rebuilds the model: ``{"kind": "pointwise", "args": ...}`` for a pointwise model
+(``kdray.models.pointwise.build_pointwise_model``), ``{"args": ...}`` for a ranking one (``build_model``).
 
 An epoch checkpoint of Ray Train (what a resumed training restarts from) holds only ``model.pt``, ``model.json`` and
 ``train_state.pt`` (optimiser, epoch, early-stopping state, history; no random-number state: the training loop
@@ -31,9 +36,10 @@ import numpy as np
 import torch
 
 from kdray import __version__
-from kdray.errors import CheckpointError
+from kdray.errors import CheckpointError, ConfigError
 from kdray.layout import atomic_replace_dir, atomic_write_text
 from kdray.models import RecModel, build_model, count_parameters, model_args
+from kdray.models.pointwise import PointwiseModel, build_pointwise_model, pointwise_model_args
 from kdray.sparse import Csr
 
 if TYPE_CHECKING:  # a type only: data depends on nothing here, and importing it would load pandas for every reader
@@ -43,6 +49,8 @@ FORMAT_VERSION = 1
 WEIGHTS, MODEL, META, CONFIG, METRICS, VOCAB, TRAIN_STATE = (
     "model.pt", "model.json", "meta.json", "config.json", "metrics.json", "vocab.npz", "train_state.pt",
 )
+FEATURES = "features.json"
+POINTWISE = "pointwise"  # model.json's "kind" of a pointwise model
 REQUIRED = (WEIGHTS, MODEL, META, CONFIG, VOCAB)
 
 
@@ -63,13 +71,45 @@ class Vocab:
 
 @dataclass
 class Checkpoint:
-    model: RecModel
+    model: RecModel | PointwiseModel
     args: dict[str, Any]
     meta: dict[str, Any]
     config: dict[str, Any]
     metrics: dict[str, Any]
-    vocab: Vocab
+    vocab: Vocab  # a pointwise model's has no training items (``seen`` is empty)
     path: Path
+    features: dict[str, Any] | None = None  # pointwise models: FeatureSpec as JSON
+
+    @property
+    def pointwise(self) -> bool:
+        return isinstance(self.model, PointwiseModel)
+
+
+def model_info(model: Any) -> dict[str, Any]:
+    """What model.json holds: the registry (``kind``) and the arguments that rebuild ``model``'s architecture."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    if isinstance(model, PointwiseModel):
+        return {"kind": POINTWISE, "args": pointwise_model_args(model)}
+    return {"args": model_args(model)}
+
+
+def build_from_info(info: dict[str, Any]) -> RecModel | PointwiseModel:
+    """The model :func:`model_info` describes, freshly initialised (weights come from ``load_state_dict``)."""
+    if info.get("kind") == POINTWISE:
+        args = dict(info["args"])
+        return build_pointwise_model(args.pop("name"), **args)
+    return build_model(**info["args"])
+
+
+def _sizes(model: Any) -> tuple[int, int]:
+    if isinstance(model, PointwiseModel):
+        return int(model.init_args["n_users"]), int(model.init_args["n_items"])
+    return int(model.n_users), int(model.n_items)
+
+
+def empty_seen(n_users: int, n_items: int) -> Csr:
+    """No training items to mask: the ``seen`` of a pointwise checkpoint's vocabulary."""
+    return Csr(indptr=np.zeros(n_users + 1, np.int64), indices=np.zeros(0, np.int64), n_rows=n_users, n_cols=n_items)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -95,16 +135,22 @@ def write_checkpoint_files(
     vocab: Vocab,
     metrics: dict[str, Any] | None = None,
     lineage: dict[str, Any] | None = None,
+    features: dict[str, Any] | None = None,
 ) -> None:
-    """Writes the checkpoint files into an existing (empty) directory. Prefer :func:`save_checkpoint`."""
+    """Writes the checkpoint files into an existing (empty) directory. Prefer :func:`save_checkpoint`.
+    ``features`` (a FeatureSpec as JSON) is required for, and only written with, a pointwise model."""
     model = getattr(model, "module", model)  # unwrap DDP
-    args = model_args(model)
+    info = model_info(model)
+    if (info.get("kind") == POINTWISE) != (features is not None):
+        raise CheckpointError("a pointwise model's checkpoint needs its feature spec, and only it has one")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"refusing to save a model with non-finite weights in {', '.join(bad[:3])}")
     torch.save(state, directory / WEIGHTS)
-    _write_json(directory / MODEL, {"args": args, "n_params": count_parameters(model)})
+    _write_json(directory / MODEL, {**info, "n_params": count_parameters(model)})
+    if features is not None:
+        _write_json(directory / FEATURES, features)
     _write_json(directory / META, {
         "format_version": FORMAT_VERSION,
         "kdray_version": __version__,
@@ -160,7 +206,7 @@ def load_checkpoint(directory: str | Path, *, map_location: str | torch.device =
         raise CheckpointError(
             f"{directory / META}: checkpoint format {meta.get('format_version')!r}, this kdray reads {FORMAT_VERSION}"
         )
-    model_info = _read_json(directory / MODEL)
+    info = _read_json(directory / MODEL)
     config = _read_json(directory / CONFIG)
     metrics = _read_json(directory / METRICS) if (directory / METRICS).is_file() else {}
     try:
@@ -173,24 +219,30 @@ def load_checkpoint(directory: str | Path, *, map_location: str | torch.device =
             indptr, indices = z["seen_indptr"], z["seen_indices"]
     except Exception as e:
         raise CheckpointError(f"checkpoint vocabulary {directory / VOCAB} cannot be loaded: {e}") from None
-    args = model_info.get("args")
+    args = info.get("args")
     if not isinstance(args, dict):
         raise CheckpointError(f"{directory / MODEL}: no model arguments")
+    features = None
+    if info.get("kind") == POINTWISE:
+        if not (directory / FEATURES).is_file():
+            raise CheckpointError(f"{directory} is a pointwise checkpoint without {FEATURES} (its feature spec)")
+        features = _read_json(directory / FEATURES)
     try:
-        model = build_model(**args)
+        model = build_from_info(info)
         model.load_state_dict(state)
-    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+    except (TypeError, ValueError, KeyError, RuntimeError, ConfigError) as e:
         raise CheckpointError(f"{directory}: weights do not match the model arguments in {MODEL}: {e}") from None
     model.to(map_location).eval()
-    if len(user_ids) != model.n_users or len(item_ids) != model.n_items or len(indptr) != model.n_users + 1:
+    n_users, n_items = _sizes(model)
+    if len(user_ids) != n_users or len(item_ids) != n_items or len(indptr) != n_users + 1:
         raise CheckpointError(
             f"{directory / VOCAB}: {len(user_ids)} users / {len(item_ids)} items do not match the model's "
-            f"{model.n_users} / {model.n_items}"
+            f"{n_users} / {n_items}"
         )
     vocab = Vocab(user_ids=user_ids, item_ids=item_ids,
-                  seen=Csr(indptr=indptr, indices=indices, n_rows=model.n_users, n_cols=model.n_items))
+                  seen=Csr(indptr=indptr, indices=indices, n_rows=n_users, n_cols=n_items))
     return Checkpoint(model=model, args=args, meta=meta, config=config, metrics=metrics, vocab=vocab,
-                      path=directory)
+                      path=directory, features=features)
 
 
 def check_matches_data(ckpt: Checkpoint, data: PreparedData) -> None:
@@ -223,14 +275,15 @@ def write_epoch_state(directory: Path, model: RecModel, train_state: dict[str, A
     state (tensors, numbers and strings only, so it loads with ``weights_only=True``)."""
     model = getattr(model, "module", model)  # unwrap DDP
     torch.save(model.state_dict(), directory / WEIGHTS)
-    _write_json(directory / MODEL, {"args": model_args(model)})
+    _write_json(directory / MODEL, model_info(model))
     torch.save(train_state, directory / TRAIN_STATE)
 
 
 def read_epoch_state(directory: Path, map_location: str | torch.device = "cpu"
                      ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
-    """The model arguments, weights and training state of an epoch checkpoint written by :func:`write_epoch_state`."""
-    args = _read_json(directory / MODEL)["args"]
+    """The model description (:func:`model_info`), weights and training state of an epoch checkpoint written by
+    :func:`write_epoch_state`."""
+    args = _read_json(directory / MODEL)
     weights = torch.load(directory / WEIGHTS, map_location=map_location, weights_only=True)
     state = torch.load(directory / TRAIN_STATE, map_location="cpu", weights_only=True)
     return args, weights, state
@@ -238,8 +291,8 @@ def read_epoch_state(directory: Path, map_location: str | torch.device = "cpu"
 
 def read_epoch_model(directory: Path) -> RecModel:
     """The model of an epoch checkpoint, rebuilt on the CPU."""
-    args, weights, _ = read_epoch_state(directory)
-    model = build_model(**args)
+    info, weights, _ = read_epoch_state(directory)
+    model = build_from_info(info)
     model.load_state_dict(weights)
     return model
 

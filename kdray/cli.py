@@ -162,6 +162,9 @@ def run(argv: Sequence[str] | None = None) -> int:
 
         write_resolved_config(cfg)
         data = prepare_data(cfg)
+        if cfg.task == "pointwise":
+            print(f"prepared {data.n_users} users, {data.n_items} items, rows per split {data.counts} in {data.path}")
+            return 0
         print(f"prepared {data.n_users} users, {data.n_items} items, {data.train.nnz} / {data.valid.nnz} / "
               f"{data.test.nnz} train / valid / test interactions in {data.path}")
         return 0

@@ -65,12 +65,12 @@ def _list_of(n: int | None = None) -> BeforeValidator:
 
 
 def _registered(registry: str, *extra: str) -> AfterValidator:
-    """A name held by ``registry`` ("module:attribute", a dict or tuple of names), or one of ``extra``. The registry
-    is imported when a config is validated, not with this module: the registries import torch, and the CLI imports
-    this module before Ray starts."""
+    """A name held by ``registry`` ("module:attribute", a dict or tuple of names; several separated by spaces), or
+    one of ``extra``. The registry is imported when a config is validated, not with this module: the registries
+    import torch, and the CLI imports this module before Ray starts."""
     def check(name: str) -> str:
-        module, attribute = registry.split(":")
-        allowed = (*extra, *getattr(importlib.import_module(module), attribute))
+        allowed = tuple(dict.fromkeys([*extra, *(n for entry in registry.split() for n in getattr(
+            importlib.import_module(entry.split(":")[0]), entry.split(":")[1]))]))
         if name not in allowed:
             raise PydanticCustomError("kdray", "{value} is not allowed; allowed values: {allowed}",
                                       {"value": _short(name), "allowed": ", ".join(map(repr, allowed))})
@@ -88,7 +88,8 @@ NonNegative = _rule(lambda v: v >= 0, "must be >= 0")
 PosInt, NonNegInt, Count = Annotated[Int, Positive], Annotated[Int, NonNegative], Annotated[Int, _rule(
     lambda v: v >= 1, "must be >= 1")]
 PosFloat, NonNegFloat = Annotated[Float, Positive], Annotated[Float, NonNegative]
-ModelName = Annotated[Str, _registered("kdray.models:MODELS")]
+# either task's registry here; Config._keys_agree then checks the name against the registry of cfg.task
+ModelName = Annotated[Str, _registered("kdray.models:MODELS kdray.models.pointwise:POINTWISE_MODELS")]
 DistillLoss = Annotated[Str, _registered("kdray.distill.losses:DISTILL_LOSSES", "none")]  # none: the student trains alone
 HardLoss = Annotated[Str, _registered("kdray.train.objective:HARD_LOSSES")]
 Widths = Annotated[tuple[Int, ...], _list_of(), _rule(lambda ws: all(w > 0 for w in ws), "must be positive widths")]
@@ -262,6 +263,26 @@ class StudyConfig:
 
 
 @section
+class PointwiseConfig:
+    """The pointwise task (``task: pointwise``): (user, item, features) rows with a like label and the rating."""
+
+    like_threshold: Float = 4.0  # like = rating >= like_threshold
+    heads: Annotated[tuple[Literal["like", "rating"], ...], _list_of(), _rule(
+        lambda hs: len(hs) > 0 and len(set(hs)) == len(hs) and "like" in hs,
+        "must be distinct heads including 'like' (AUC selects the model)")] = ("like",)
+    task_weights: dict[Literal["like", "rating"], NonNegFloat] = dataclasses.field(
+        default_factory=lambda: {"like": 1.0, "rating": 0.1})  # the rating MSE is ~10x the like BCE at the start
+    # csv / parquet: the file's categorical and numeric feature columns (ml-100k's own fields are built in)
+    categorical: Annotated[tuple[Str, ...], _list_of()] = ()
+    numeric: Annotated[tuple[Str, ...], _list_of()] = ()
+    # extra constructor options of the pointwise models (kdray.models.pointwise), e.g. {multitask: mmoe}
+    teacher_options: dict[Str, Any] = dataclasses.field(default_factory=dict)
+    student_options: dict[Str, Any] = dataclasses.field(default_factory=dict)
+    # with two heads, also train a like-only student (alone and distilled) for the report's single- vs multi-task rows
+    compare_single_task: Bool = False
+
+
+@section
 class ServeConfig:
     host: Str = "127.0.0.1"
     port: Annotated[Int, _rule(lambda v: 0 < v < 65536, "must be in 1..65535")] = 8000
@@ -302,6 +323,7 @@ class Config:
     name: Annotated[Str, _rule(lambda n: n not in ("", ".", "..") and "/" not in n,
                                "must be a non-empty directory name without '/'")] = "default"
     runs_dir: Str = "runs"
+    task: Literal["ranking", "pointwise"] = "ranking"  # pointwise: like/rating prediction from features (issue 12)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataConfig = _default(DataConfig)
     teacher: ModelConfig = _default(ModelConfig, name="mf", dim=256)
@@ -316,6 +338,7 @@ class Config:
     serve: ServeConfig = _default(ServeConfig)
     teacher_search: TeacherSearchConfig = _default(TeacherSearchConfig)  # kdray run tunes its teacher
     study: StudyConfig = _default(StudyConfig)  # kdray study: the equal-budget protocol
+    pointwise: PointwiseConfig = _default(PointwiseConfig)  # read when task == "pointwise"
 
     @property
     def run_dir(self) -> Path:
@@ -323,7 +346,10 @@ class Config:
 
     @property
     def select_metric(self) -> str:
-        """The validation metric used for early stopping, best checkpoints and Tune, e.g. ``ndcg@10``."""
+        """The validation metric used for early stopping, best checkpoints and Tune, e.g. ``ndcg@10`` (``auc`` for
+        the pointwise task)."""
+        if self.task == "pointwise":
+            return "auc"
         return f"{self.eval.metric}@{self.eval.k}"
 
     @model_validator(mode="after")
@@ -369,7 +395,9 @@ class Config:
         _check(not dist.cached_topk or dist.mask_seen,
                "distill.cached_topk: the cached top-K holds unobserved items only, so it needs distill.mask_seen=true "
                "(got distill.mask_seen=false)")
-        if dist.init_from_teacher:
+        if self.task == "pointwise":
+            _check_pointwise(self)
+        elif dist.init_from_teacher:
             from kdray.models import MODELS  # imported here for the reason given in _registered
             able = [name for name, cls in MODELS.items() if cls.pca_student]
             _check(self.student.name in able,
@@ -377,6 +405,13 @@ class Config:
                    f" cannot start from the teacher's (one of {', '.join(map(repr, able))} can), or set "
                    "distill.init_from_teacher=false")
 
+        if self.task == "ranking":
+            from kdray.models import MODELS
+
+            for role in ("teacher", "student"):
+                name = getattr(self, role).name
+                _check(name in MODELS, f"{role}.name: {name!r} is a pointwise model; allowed values for "
+                                       f"task='ranking': {', '.join(map(repr, MODELS))}")
         e, s = self.eval, self.serve
         _check(e.k in e.ks, f"eval.k: {e.k} must be one of eval.ks {list(e.ks)}")
         _check(s.max_ongoing_requests >= s.max_batch_size,
@@ -385,6 +420,52 @@ class Config:
         _check(1 <= s.min_replicas <= s.max_replicas,
                f"serve.min_replicas/max_replicas: need 1 <= {s.min_replicas} <= {s.max_replicas}")
         return self
+
+
+def _check_pointwise(cfg: "Config") -> None:
+    """The keys the pointwise task reads, checked against each other and against the pointwise model registry."""
+    from kdray.models.pointwise import POINTWISE_MODELS, build_pointwise_model
+
+    p, d, dist = cfg.pointwise, cfg.data, cfg.distill
+    _check(d.source in ("ml-100k", "csv", "parquet"),
+           f"data.source: {d.source!r} has no features for task='pointwise'; allowed: 'ml-100k', 'csv', 'parquet'")
+    _check(d.split == "random", f"data.split: task='pointwise' splits each user's ratings at random, not {d.split!r}")
+    _check(d.source not in ("csv", "parquet") or d.rating_col is not None,
+           "data.rating_col: task='pointwise' needs the rating column of the csv/parquet file")
+    _check(dist.loss in ("none", "soft_bce"),
+           f"distill.loss: {dist.loss!r} is a ranking loss; task='pointwise' distils with 'soft_bce' (Hinton soft "
+           "labels for the like head, MSE to the teacher's rating) or 'none'")
+    _check(not dist.init_from_teacher and not dist.cached_topk,
+           "distill.init_from_teacher / distill.cached_topk: ranking-only; set them false for task='pointwise'")
+    missing = [h for h in p.heads if h not in p.task_weights]
+    _check(not missing, f"pointwise.task_weights: no weight for head {missing[0]!r}" if missing else "")
+    for role in ("teacher", "student"):
+        m = getattr(cfg, role)
+        _check(m.name in POINTWISE_MODELS, f"{role}.name: {m.name!r} is not allowed for task='pointwise'; allowed "
+                                           f"values: {', '.join(map(repr, POINTWISE_MODELS))}")
+        try:  # a tiny build checks every option by name and value (ConfigError naming it)
+            build_pointwise_model(m.name, **pointwise_options(cfg, role, heads=p.heads),
+                                  n_users=1, n_items=1, cardinalities=[2], n_num=1)
+        except ConfigError as e:
+            raise ConfigError(f"{role} (pointwise model {m.name!r}): {e}; set it in {role}.* or "
+                              f"pointwise.{role}_options") from None
+
+
+def pointwise_options(cfg: "Config", role: str, heads: Sequence[str]) -> dict[str, Any]:
+    """The pointwise model options of ``role`` ("teacher"/"student"): ``dim``, ``hidden`` (when given) and
+    ``dropout`` (for the models that take it) from the model section, then ``pointwise.<role>_options``."""
+    import inspect
+
+    from kdray.models.pointwise import POINTWISE_MODELS
+
+    m = getattr(cfg, role)
+    params = inspect.signature(POINTWISE_MODELS[m.name].__init__).parameters
+    out: dict[str, Any] = {"dim": m.dim, "heads": list(heads)}
+    if m.hidden and "hidden" in params:
+        out["hidden"] = list(m.hidden)
+    if "dropout" in params:
+        out["dropout"] = m.dropout
+    return {**out, **getattr(cfg.pointwise, f"{role}_options")}
 
 
 # ----------------------------------------------------------------------------------------------------------------

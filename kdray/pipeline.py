@@ -51,7 +51,12 @@ def write_resolved_config(cfg: Config) -> Path:
     return path
 
 
-def prepare_data(cfg: Config) -> PreparedData:
+def prepare_data(cfg: Config) -> Any:
+    """The task's prepared data: ``PreparedData`` (ranking) or ``PointwiseData`` (kdray.data.pointwise_data)."""
+    if cfg.task == "pointwise":
+        from kdray.data.pointwise_data import prepare_pointwise
+
+        return prepare_pointwise(cfg, RunLayout(cfg.run_dir).data)
     return prepare(cfg.data, RunLayout(cfg.run_dir).data)
 
 
@@ -63,10 +68,12 @@ def stage_key_of(cfg: Config, role: str, teachers: list[Path]) -> str:
         teacher_keys = [stage_key(t) for t in teachers]
         parts = [to_dict(cfg.data), to_dict(cfg.student), to_dict(cfg.student_train), to_dict(cfg.distill),
                  teacher_keys]
+    if cfg.task == "pointwise":  # the heads, task weights, features and model options shape the pointwise stages
+        parts = [*parts, to_dict(cfg.pointwise)]
     return fingerprint({"role": role, "parts": parts, "eval": to_dict(cfg.eval)})
 
 
-def train_stage(cfg: Config, role: str, data: PreparedData, out_dir: Path,
+def train_stage(cfg: Config, role: str, data: Any, out_dir: Path,
                 teachers: list[Path] | None = None, log=print, on_epoch: OnEpoch | None = None) -> Path:
     """Trains (or reuses) one model and returns its exported checkpoint directory. Each epoch's record goes to
     TensorBoard (RUN/tensorboard/STAGE) and to ``on_epoch``."""
@@ -87,11 +94,11 @@ def train_stage(cfg: Config, role: str, data: PreparedData, out_dir: Path,
     return out_dir
 
 
-def train_teachers(cfg: Config, data: PreparedData, log=print, on_epoch: OnEpoch | None = None) -> list[Path]:
+def train_teachers(cfg: Config, data: Any, log=print, on_epoch: OnEpoch | None = None) -> list[Path]:
     """One teacher, or ``distill.n_teachers`` of them with consecutive seeds (an ensemble). With
     ``teacher_search.enabled`` (the default) their training settings are the winner of a small Tune search on
-    validation, whose winning trial is the first teacher (kdray.tune.teacher)."""
-    if cfg.teacher_search.enabled:
+    validation, whose winning trial is the first teacher (kdray.tune.teacher); the ranking task only."""
+    if cfg.teacher_search.enabled and cfg.task == "ranking":  # the pointwise task trains its configured teacher
         from kdray.tune.teacher import tuned_teacher
 
         cfg = tuned_teacher(cfg, data, log)
@@ -111,6 +118,10 @@ class RunReport:
 
 
 def run_pipeline(cfg: Config, log=print, on_epoch: OnEpoch | None = None) -> RunReport:
+    if cfg.task == "pointwise":
+        from kdray.pointwise_run import run_pointwise
+
+        return run_pointwise(cfg, log)
     t0 = time.perf_counter()
     layout = RunLayout(cfg.run_dir)
     write_resolved_config(cfg)

@@ -1,5 +1,6 @@
 """Config: defaults, YAML + overrides, and validation messages that name the key and what is allowed."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -59,7 +60,7 @@ def test_replace_validates():
         ("data.split_ratios=[0.8, 0.2]", "expected a list of 3 values"),
         ("student.dim=512", "student.dim: 512 is larger than teacher.dim 256; set distill.allow_larger_student"),
         ("student.name=xgboost",
-         "student.name: 'xgboost' is not allowed; allowed values: 'mf', 'neumf', 'two_tower', 'lightgcn'$"),
+         "student.name: 'xgboost' is not allowed; allowed values: 'mf', 'neumf', 'two_tower', 'lightgcn', 'dcnv2', 'mlp', 'fm'$"),
         ("distill.loss=kd", "allowed values: 'none', 'kl', 'mse', 'rd', 'soft_bce', 'rrd', 'listwise'$"),
         ("student_train.epochs=two", "student_train.epochs: expected an integer, got 'two'"),
         ("student_train.epochs=1.5", "student_train.epochs: expected an integer"),
@@ -173,3 +174,34 @@ def test_cached_topk_needs_mask_seen():
 def test_type_and_range_messages(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+POINTWISE = ["task=pointwise", "data.source=ml-100k", "data.path=/data/ml-100k", "teacher.name=dcnv2",
+             "teacher.dim=16", "student.name=fm", "student.dim=8", "distill.loss=soft_bce",
+             "distill.init_from_teacher=false"]
+
+
+def test_pointwise_task_selects_on_auc_and_checks_its_keys():
+    cfg = load_config(None, POINTWISE)
+    assert cfg.select_metric == "auc" and cfg.pointwise.heads == ("like",)
+    assert load_config(None, [*POINTWISE, "pointwise.heads=[like, rating]"]).pointwise.heads == ("like", "rating")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["teacher.name=neumf"], "teacher.name: 'neumf' is not allowed for task='pointwise'; allowed values: 'dcnv2'"),
+    (["distill.loss=rd"], "distill.loss: 'rd' is a ranking loss"),
+    (["data.source=synthetic", "data.path=null"], "data.source: 'synthetic' has no features"),
+    (["pointwise.heads=[rating]"], "pointwise.heads: ['rating'] must be distinct heads including 'like'"),
+    (["pointwise.heads=[like, rating]", "pointwise.task_weights={like: 1.0}"],
+     "pointwise.task_weights: no weight for head 'rating'"),
+    (["pointwise.teacher_options={multitask: moe}"], "teacher (pointwise model 'dcnv2'): multitask must be one of"),
+    (["pointwise.student_options={colour: 1}"], "pointwise model 'fm' has no option 'colour'"),
+])
+def test_pointwise_mistakes_name_the_key(extra, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [*POINTWISE, *extra])
+
+
+def test_ranking_task_refuses_a_pointwise_model():
+    with pytest.raises(ConfigError, match="teacher.name: 'dcnv2' is a pointwise model"):
+        load_config(None, ["teacher.name=dcnv2"])

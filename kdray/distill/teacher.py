@@ -10,19 +10,21 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from kdray.checkpoint import build_from_info, model_info
 from kdray.distill import losses
-from kdray.models import RecModel, build_model, embedding_tables, model_args
+from kdray.models import RecModel, embedding_tables
+from kdray.models.pointwise import PointwiseModel
 from kdray.train.shard import table_batch
 
 
-def model_state(model: RecModel) -> dict[str, Any]:
-    """A frozen model as plain data for the object store: arguments and CPU tensors."""
+def model_state(model: RecModel | PointwiseModel) -> dict[str, Any]:
+    """A frozen model (ranking or pointwise) as plain data for the object store: its description and CPU tensors."""
     model = getattr(model, "module", model)
-    return {"args": model_args(model), "state": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    return {"info": model_info(model), "state": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
 
 
-def rebuild(state: dict[str, Any], device: torch.device | str = "cpu") -> RecModel:
-    model = build_model(**state["args"])
+def rebuild(state: dict[str, Any], device: torch.device | str = "cpu") -> RecModel | PointwiseModel:
+    model = build_from_info(state["info"])
     model.load_state_dict(state["state"])
     return model.to(device)
 

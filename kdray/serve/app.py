@@ -6,6 +6,9 @@ Routes (relative to ``serve.route_prefix``):
                            -> {"user_id", "items": [{"item_id", "score"}], "cold_start", "model": {"name", "version"}}
     POST /recommend/batch  {"user_ids": [42, "u7"], "k": 10, "exclude_seen": true}
                            -> {"results": [{"user_id", "items", "cold_start"}], "model": {"name", "version"}}
+    POST /predict          {"user_id": 42, "item_ids": [1, "7"], "features": {"occupation": "writer"}}
+                           -> {"user_id", "predictions": [{"item_id", "probability", "rating"}], "model"}
+                              (a pointwise checkpoint, task: pointwise; a ranking one answers /recommend instead)
     GET  /healthz          -> {"status": "ok", "model": {"name", "version"}}  (HEAD too: load balancers probe with it)
     GET  /model            -> architecture, parameters, metrics, creation time, teacher lineage, version, and the
                               answering replica's @serve.batch counters (batches, batched_requests)
@@ -42,7 +45,8 @@ import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, StringConstraints
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr,
+                      StringConstraints)
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -51,7 +55,8 @@ from kdray.checkpoint import load_checkpoint
 from kdray.config import ServeConfig, from_dict
 from kdray.errors import CheckpointError, ConfigError
 from kdray.serve.ingress import ingress_env
-from kdray.serve.predictor import Query, Recommendation, Recommender, RequestError
+from kdray.serve.pointwise import PointwisePredictor
+from kdray.serve.predictor import Query, Recommendation, Recommender, RequestError, checkpoint_version
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +147,63 @@ def _unprocessable(field: str, message: str) -> HTTPException:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The pointwise task's POST /predict (kdray.serve.pointwise): its schemas, and the predictor a checkpoint loads as.
+
+ItemId = Annotated[
+    Union[StrictInt, Annotated[StrictStr, StringConstraints(max_length=256)]],
+    Field(description="raw item id as in the training data; an int is looked up as its decimal string"),
+]
+FeatureValues = dict[Annotated[StrictStr, StringConstraints(max_length=256)],
+                     Union[StrictInt, StrictFloat, Annotated[StrictStr, StringConstraints(max_length=256)]]]
+
+
+class PredictRequest(_Strict):
+    user_id: UserId
+    item_ids: list[ItemId] = Field(min_length=1, description="at most serve.max_request_batch items")
+    features: Union[FeatureValues, None] = Field(
+        default=None, description="feature values for every item of the request (categorical: string; numeric: "
+                                  "number); unnamed fields take the user's / item's own values")
+
+
+class ItemPrediction(BaseModel):
+    item_id: str
+    probability: float = Field(description="P(the user likes the item), the like head's sigmoid")
+    rating: Union[float, None] = Field(description="predicted rating (null without a rating head)")
+
+
+class PredictResponse(BaseModel):
+    user_id: Union[int, str]
+    predictions: list[ItemPrediction]
+    model: ModelRef
+
+
+class _RankingOnly(PointwisePredictor):
+    """A pointwise predictor that answers the ranking routes with a 422 naming the route to use."""
+
+    def check_k(self, k: int) -> None:
+        raise RequestError("k", "this endpoint serves a pointwise checkpoint (task: pointwise): use POST /predict")
+
+
+def _load_predictor(checkpoint_dir: str, device: str, serve_cfg: ServeConfig) -> Union[Recommender, PointwisePredictor]:
+    """The checkpoint's predictor: :class:`PointwisePredictor` for a pointwise model, else :class:`Recommender`."""
+    ckpt = load_checkpoint(checkpoint_dir, map_location=device)
+    if ckpt.features is not None:
+        return _RankingOnly(ckpt, version=checkpoint_version(checkpoint_dir), device=device,
+                            max_items=serve_cfg.max_request_batch)
+    return Recommender(ckpt, version=checkpoint_version(checkpoint_dir), device=device, max_k=serve_cfg.max_k)
+
+
+def _predict(predictor: Union[Recommender, PointwisePredictor], body: PredictRequest) -> list[dict[str, Any]]:
+    if not isinstance(predictor, PointwisePredictor):
+        raise _unprocessable("item_ids", "this endpoint serves a ranking checkpoint: use POST /recommend")
+    try:
+        preds = predictor.predict(body.user_id, body.item_ids, body.features)
+    except RequestError as e:
+        raise _unprocessable(e.field, e.message) from None
+    return [{"item_id": p.item_id, "probability": p.probability, "rating": p.rating} for p in preds]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The deployment. Serve's ingress decorator needs the FastAPI object when the class is defined, hence module level.
 
 api = FastAPI(
@@ -205,7 +267,7 @@ class RecommenderDeployment:
         # Torch would otherwise start one thread per core of the node and fight the other replicas for them.
         torch.set_num_threads(max(1, int(serve_cfg.num_cpus)))
         device = "cuda" if serve_cfg.num_gpus > 0 else "cpu"
-        self.predictor = Recommender.from_checkpoint(checkpoint_dir, device=device, max_k=serve_cfg.max_k)
+        self.predictor = _load_predictor(checkpoint_dir, device, serve_cfg)  # ranking or pointwise (POST /predict)
         self.max_request_batch = serve_cfg.max_request_batch
         self.model_ref = {"name": self.predictor.name, "version": self.predictor.version}
         self.batches = self.batched_requests = 0  # evidence that @serve.batch forms batches (GET /model)
@@ -240,6 +302,10 @@ class RecommenderDeployment:
         self._check_k(body.k)
         recs = self.predictor.recommend(body.user_ids, body.k, body.exclude_seen)
         return {"results": [_user_dict(r) for r in recs], "model": self.model_ref}
+
+    @api.post("/predict", response_model=PredictResponse)
+    async def predict(self, body: PredictRequest) -> dict[str, Any]:
+        return {"user_id": body.user_id, "predictions": _predict(self.predictor, body), "model": self.model_ref}
 
     @api.api_route("/healthz", methods=["GET", "HEAD"], response_model=Health)
     async def healthz(self) -> dict[str, Any]:

@@ -71,22 +71,24 @@ def _user_error(error: BaseException) -> BaseException:
     return error
 
 
-def train_model(cfg: Config, role: str, data: PreparedData, *, out_dir: Path, name: str,
-                teachers: Sequence[Path] = (), storage_path: str | None = None,
-                callbacks: Sequence[Any] = (), stage_key: str | None = None,
-                progress: Callable[[Event], None] | None = None) -> TrainOutcome:
-    """Trains a teacher or a student on Ray Train and exports its best epoch to ``out_dir``.
+@dataclass(frozen=True)
+class TrainSetup:
+    """What one task gives the driver: the training rows, the worker payload, the initial model, the frozen
+    teachers (object-store refs), and how to export a checkpoint (``save(out_dir, model, **kwargs)``)."""
 
-    ``name`` is the Ray Train run name: rerunning with the same name and storage resumes an interrupted run.
-    ``progress`` receives each epoch's record (kdray.train.progress) in this process while ``fit`` runs.
-    """
+    dataset: Any
+    payload: Any
+    initial: Any
+    teacher_refs: list[Any]  # object-store refs of each frozen teacher's model_state (empty: no live teacher)
+    uses_teacher: bool
+    save: Any
+    distill_record: dict[str, Any] | None  # the lineage's distillation settings (None: not distilled)
+
+
+def _ranking_setup(cfg: Config, role: str, data: PreparedData, teachers: Sequence[Path]) -> TrainSetup:
     import ray
     import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
-    if role not in ("teacher", "student"):
-        raise ValueError(f"role must be 'teacher' or 'student', not {role!r}")
     objective = Objective.from_config(cfg, role, data.n_items)
     if role == "student" and objective.distilling and not teachers:
         raise KdrayError(f"distill.loss={cfg.distill.loss!r} with alpha={cfg.distill.alpha} needs a teacher checkpoint")
@@ -114,14 +116,49 @@ def train_model(cfg: Config, role: str, data: PreparedData, *, out_dir: Path, na
     if role == "student" and cfg.distill.init_from_teacher and teacher_ckpts:
         initial.load_state_dict(pca_init_state(initial, teacher_ckpts[0].model))
 
+    def save(out_dir: Path, model: Any, **kwargs: Any) -> Path:
+        return save_checkpoint(out_dir, model, vocab=Vocab(user_ids=data.user_ids, item_ids=data.item_ids,
+                                                           seen=data.train), **kwargs)
+
+    return TrainSetup(dataset=dataset, payload=payload_for(data), initial=initial, teacher_refs=teacher_refs,
+                      uses_teacher=uses_teacher, save=save,
+                      distill_record=to_dict(cfg.distill) if objective.distilling else None)
+
+
+def train_model(cfg: Config, role: str, data: Any, *, out_dir: Path, name: str,
+                teachers: Sequence[Path] = (), storage_path: str | None = None,
+                callbacks: Sequence[Any] = (), stage_key: str | None = None,
+                progress: Callable[[Event], None] | None = None) -> TrainOutcome:
+    """Trains a teacher or a student on Ray Train and exports its best epoch to ``out_dir``. ``data`` is the
+    task's prepared data (``PreparedData`` for ranking, ``PointwiseData`` for the pointwise task).
+
+    ``name`` is the Ray Train run name: rerunning with the same name and storage resumes an interrupted run.
+    ``progress`` receives each epoch's record (kdray.train.progress) in this process while ``fit`` runs.
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    if role not in ("teacher", "student"):
+        raise ValueError(f"role must be 'teacher' or 'student', not {role!r}")
+    if cfg.task == "pointwise":
+        from kdray.train.pointwise import lineage_distill, pointwise_setup
+
+        p = pointwise_setup(cfg, role, data, teachers)
+        setup = TrainSetup(dataset=p.dataset, payload=p.payload, initial=p.initial, teacher_refs=p.teacher_refs,
+                           uses_teacher=p.uses_teacher, save=p.save,
+                           distill_record=lineage_distill(cfg) if p.uses_teacher else None)
+    else:
+        setup = _ranking_setup(cfg, role, data, teachers)
+
     use_gpu = resolve_use_gpu(cfg)
     storage = storage_path or cfg.ray.storage_path or str(RunLayout(cfg.run_dir).ray.resolve())
     feed = EpochFeed(progress) if progress is not None else None
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
-            "config": to_dict(cfg), "role": role, "payload": ray.put(payload_for(data)),
-            "init_state": ray.put(model_state(initial)), "teachers": teacher_refs,
+            "config": to_dict(cfg), "role": role, "payload": ray.put(setup.payload),
+            "init_state": ray.put(model_state(setup.initial)), "teachers": setup.teacher_refs,
             "progress": feed.queue if feed is not None else None,
         },
         scaling_config=ray.train.ScalingConfig(
@@ -132,7 +169,7 @@ def train_model(cfg: Config, role: str, data: PreparedData, *, out_dir: Path, na
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute=cfg.select_metric, checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures)),
-        datasets={"train": dataset},
+        datasets={"train": setup.dataset},
     )
     t0 = time.perf_counter()
     try:
@@ -153,14 +190,13 @@ def train_model(cfg: Config, role: str, data: PreparedData, *, out_dir: Path, na
     history = json.loads(last["history"])
     with best_ckpt.as_directory() as d:
         model = read_epoch_model(Path(d))
-    val = {f"valid_{k}": v for k, v in best_metrics.items() if "@" in k}
+    val = {f"valid_{k}": v for k, v in best_metrics.items() if "@" in k or k in ("auc", "logloss", "rmse")}
     metrics = {**val, "best_epoch": int(best_metrics["epoch"]), "epochs_run": len(history),
                "resumed_after": list(last.get("resumed_after", [])), "train_seconds": seconds,
                "n_params": count_parameters(model)}
-    lineage = {"teachers": [str(Path(p).resolve()) for p in teachers] if uses_teacher else [],
-               "distill": to_dict(cfg.distill) if objective.distilling else None, "ray_run": f"{storage}/{name}", "stage_key": stage_key}
-    save_checkpoint(out_dir, model, role=role, config=to_dict(cfg),
-                    vocab=Vocab(user_ids=data.user_ids, item_ids=data.item_ids, seen=data.train),
-                    metrics={**metrics, "history": history}, lineage=lineage)
+    lineage = {"teachers": [str(Path(p).resolve()) for p in teachers] if setup.uses_teacher else [],
+               "distill": setup.distill_record, "ray_run": f"{storage}/{name}", "stage_key": stage_key}
+    setup.save(out_dir, model, role=role, config=to_dict(cfg), metrics={**metrics, "history": history},
+               lineage=lineage)
     return TrainOutcome(checkpoint=Path(out_dir), metrics=metrics, history=history, train_seconds=seconds,
                         n_params=count_parameters(model))

@@ -29,7 +29,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -119,16 +119,19 @@ def distributed_evaluate(model: RecModel, truth: Csr, exclude: list[Csr], ks: Se
 # The per-worker loop.
 
 
-def run_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[Batch],
-              teachers: Sequence[RecModel], objective: Objective, device: torch.device | str,
-              log_q: torch.Tensor | None, gen: torch.Generator | None) -> tuple[dict[str, float], int, str | None]:
-    """One pass over ``batches``: the training steps shared by every worker (and by the plain-PyTorch reference in
-    benchmarks/). Returns summed loss parts, the step count, and why it stopped early (a non-finite loss) or None."""
+LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
+
+
+def run_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[Any],
+              loss_fn: LossFn) -> tuple[dict[str, float], int, str | None]:
+    """One pass over ``batches`` with ``loss_fn(model, batch) -> (loss, parts)`` (a task's batch objective): the
+    training steps shared by every worker and task (and by the plain-PyTorch reference in benchmarks/). Returns summed
+    loss parts, the step count, and why it stopped early (a non-finite loss) or None."""
     model.train()
     sums: dict[str, float] = {}
     steps = 0
     for step, batch in enumerate(batches):
-        loss, parts = batch_loss(model, teachers, batch.to(device), objective, log_q, gen)
+        loss, parts = loss_fn(model, batch)
         # All workers agree before anyone stops, or the others would hang in the gradient all-reduce.
         if _all_reduce([0.0 if torch.isfinite(loss) else 1.0], "max")[0] > 0:
             return sums, steps, f"the loss became non-finite ({float(loss)}) at step {step + 1}"
@@ -155,6 +158,42 @@ def _report_failure(failure: str, metric: str, rank: int) -> None:
         ray.train.report({metric: FAILED_SCORE, FAILURE_KEY: failure}, checkpoint=checkpoint)
 
 
+class RankingTask:
+    """The ranking task's batches (the shard of ``train_by_user.parquet``), batch objective
+    (:func:`kdray.train.objective.batch_loss`) and validation (full ranking, :func:`distributed_evaluate`); the
+    pointwise task's counterpart is :class:`kdray.train.pointwise.PointwiseTask`."""
+
+    def __init__(self, cfg: Config, role: str, payload: WorkerPayload, teachers: Sequence[RecModel], shard: Any,
+                 device: torch.device, rank: int, world: int):
+        self.tcfg = cfg.teacher_train if role == "teacher" else cfg.student_train
+        self.cfg, self.payload, self.teachers, self.shard = cfg, payload, list(teachers), shard
+        self.device, self.rank, self.world = device, rank, world
+        self.objective = Objective.from_config(cfg, role, payload.n_items)
+        self.log_q = sampling_log_q(payload.item_counts) if self.objective.sampled else None
+        self.gen = torch.Generator()
+        self.local = None
+        if cfg.ray.shard_mode == "memory":
+            self.local = LocalShard.from_tables(list(shard.iter_batches(batch_size=4096, batch_format="pyarrow")))
+            # every DDP worker must take the same number of steps, or the gradient all-reduce hangs
+            self.n_steps = max(1, int(_all_reduce([float(math.ceil(len(self.local) / self.tcfg.batch_size))],
+                                                  "max")[0]))
+
+    def batches(self, seed: int) -> Iterable[Batch]:
+        self.gen = torch.Generator().manual_seed(seed)  # negative sampling
+        if self.local is not None:
+            return self.local.batches(self.tcfg.batch_size, self.n_steps, np.random.default_rng(seed))
+        return (table_batch(t) for t in self.shard.iter_batches(
+            batch_size=self.tcfg.batch_size, batch_format="pyarrow",
+            local_shuffle_buffer_size=4 * self.tcfg.batch_size, local_shuffle_seed=seed))
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        return batch_loss(model, self.teachers, batch.to(self.device), self.objective, self.log_q, self.gen)
+
+    def validate(self, core: RecModel) -> dict[str, float]:
+        return distributed_evaluate(core, self.payload.valid, [self.payload.train], self.cfg.eval.ks,
+                                    self.cfg.eval.batch_size, self.device, self.rank, self.world)
+
+
 def threads(cfg: Config) -> int:
     return cfg.ray.threads_per_worker or max(1, int(round(cfg.ray.cpus_per_worker)))
 
@@ -176,7 +215,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(threads(cfg))
     device = ray.train.torch.get_device()
-    payload: WorkerPayload = ray.get(loop_config["payload"])
+    payload = ray.get(loop_config["payload"])
     metric = cfg.select_metric
     feed = loop_config.get("progress")  # the driver's EpochFeed queue, or None
 
@@ -188,8 +227,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     model = rebuild(ray.get(loop_config["init_state"]), device)  # built (and seeded) once by the driver
     teachers = [frozen(rebuild(ray.get(ref), device)) for ref in loop_config.get("teachers", [])]
-    objective = Objective.from_config(cfg, role, payload.n_items)
-    log_q = sampling_log_q(payload.item_counts) if objective.sampled else None
     model = ray.train.torch.prepare_model(model)
     core: RecModel = getattr(model, "module", model)
     optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
@@ -213,24 +250,20 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             # or the rerun would train one more than the uninterrupted run and might pick another best model.
             start_epoch = tcfg.epochs
 
+    # What differs between the tasks (batches from the shard, the batch objective, validation) is chosen here, once.
     shard = ray.train.get_dataset_shard("train")
-    local = None
-    if cfg.ray.shard_mode == "memory":
-        local = LocalShard.from_tables(list(shard.iter_batches(batch_size=4096, batch_format="pyarrow")))
-        # every DDP worker must take the same number of steps, or the gradient all-reduce hangs
-        n_steps = max(1, int(_all_reduce([float(math.ceil(len(local) / tcfg.batch_size))], "max")[0]))
+    if cfg.task == "pointwise":
+        from kdray.train.pointwise import PointwiseTask
+
+        task: Any = PointwiseTask(cfg, role, payload, teachers, shard, device,
+                                  lambda v: _all_reduce([v], "max")[0])
+    else:
+        task = RankingTask(cfg, role, payload, teachers, shard, device, rank, world)
     for epoch in range(start_epoch, tcfg.epochs):
         t0 = time.perf_counter()
         seed = _epoch_seed(tcfg.seed, epoch, rank)
         torch.manual_seed(seed)  # dropout
-        gen = torch.Generator().manual_seed(seed)  # negative sampling
-        if local is not None:
-            batches = local.batches(tcfg.batch_size, n_steps, np.random.default_rng(seed))
-        else:
-            batches = (table_batch(t) for t in shard.iter_batches(
-                batch_size=tcfg.batch_size, batch_format="pyarrow", local_shuffle_buffer_size=4 * tcfg.batch_size,
-                local_shuffle_seed=seed))
-        sums, steps, failure = run_epoch(model, optimizer, batches, teachers, objective, device, log_q, gen)
+        sums, steps, failure = run_epoch(model, optimizer, task.batches(seed), task.loss)
         if failure is None and not all(bool(torch.isfinite(p).all()) for p in core.parameters()):
             failure = "the model's weights became non-finite"  # identical on every DDP worker: no vote needed
         if failure is not None:
@@ -243,8 +276,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             _report_failure(failure, metric, rank)
             return
         train_seconds = time.perf_counter() - t0
-        val = distributed_evaluate(core, payload.valid, [payload.train], cfg.eval.ks, cfg.eval.batch_size,
-                                   device, rank, world)
+        val = task.validate(core)
         score = val[metric]
         improved = score > best
         best, bad_epochs = (score, 0) if improved else (best, bad_epochs + 1)
