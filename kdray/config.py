@@ -162,6 +162,7 @@ class ServeConfig:
     max_ongoing_requests: int = 64
     max_k: int = 100
     max_request_batch: int = 256
+    max_history: int = 200  # longest fold-in history a request may carry (kdray.serve.foldin); longer: a 422
     min_replicas: int = 1
     max_replicas: int = 2
     target_ongoing_requests: int = 16
@@ -400,6 +401,7 @@ def validate(cfg: Config) -> Config:
     _check(0 < s.port < 65536, f"serve.port: {s.port} must be in 1..65535")
     _check(s.max_batch_size >= 1 and s.max_k >= 1 and s.max_request_batch >= 1,
            "serve.max_batch_size, serve.max_k and serve.max_request_batch must be >= 1")
+    _check(s.max_history >= 1, f"serve.max_history: {s.max_history} must be >= 1")
     _check(s.max_ongoing_requests >= s.max_batch_size,
            f"serve.max_ongoing_requests: {s.max_ongoing_requests} must be >= serve.max_batch_size "
            f"{s.max_batch_size}, or batches never fill")
