@@ -25,7 +25,7 @@ from kdray.data.prepare import TRAIN_BY_USER, PreparedData
 from kdray.distill.teacher import TeacherTopK, model_state, pca_init_state
 from kdray.errors import KdrayError
 from kdray.layout import RunLayout
-from kdray.models import count_parameters, model_from_config
+from kdray.models import RecModel, count_parameters, model_from_config
 from kdray.train.loop import (
     FAILURE_KEY,
     NonFiniteLossError,
@@ -71,10 +71,13 @@ def _user_error(error: BaseException) -> BaseException:
 
 def train_model(cfg: Config, role: str, data: PreparedData, *, out_dir: Path, name: str,
                 teachers: Sequence[Path] = (), storage_path: str | None = None,
-                callbacks: Sequence[Any] = (), stage_key: str | None = None) -> TrainOutcome:
+                callbacks: Sequence[Any] = (), stage_key: str | None = None,
+                initial_model: RecModel | None = None) -> TrainOutcome:
     """Trains a teacher or a student on Ray Train and exports its best epoch to ``out_dir``.
 
     ``name`` is the Ray Train run name: rerunning with the same name and storage resumes an interrupted run.
+    ``initial_model`` (sized to ``data``) warm-starts training from its weights instead of a fresh seeded model and
+    the teacher-initialised start (kdray.train.update's incremental refresh).
     """
     import ray
     import ray.data
@@ -106,9 +109,12 @@ def train_model(cfg: Config, role: str, data: PreparedData, *, out_dir: Path, na
     # LightGCN's training graph and a teacher-initialised start travel with it, and every worker starts from
     # identical weights.
     torch.manual_seed((cfg.teacher_train if role == "teacher" else cfg.student_train).seed)
-    initial = model_from_config(cfg.teacher if role == "teacher" else cfg.student, data)
-    if role == "student" and cfg.distill.init_from_teacher and teacher_ckpts:
-        initial.load_state_dict(pca_init_state(initial, teacher_ckpts[0].model))
+    if initial_model is not None:
+        initial = initial_model
+    else:
+        initial = model_from_config(cfg.teacher if role == "teacher" else cfg.student, data)
+        if role == "student" and cfg.distill.init_from_teacher and teacher_ckpts:
+            initial.load_state_dict(pca_init_state(initial, teacher_ckpts[0].model))
 
     use_gpu = resolve_use_gpu(cfg)
     storage = storage_path or cfg.ray.storage_path or str(RunLayout(cfg.run_dir).ray.resolve())
