@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-DEFAULT_L2 = 1.0  # lambda; measured on ml-100k (BENCHMARKS.md, fold-in)
+DEFAULT_L2 = 3.0  # lambda: the best of 0.3, 1, 3, 10 on ml-100k (benchmarks/foldin_latency.py, BENCHMARKS.md)
 MAX_STEPS = 25
 TOL = 1e-6  # gradient norm at which Newton stops
 
