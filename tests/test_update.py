@@ -23,6 +23,7 @@ from kdray.errors import DataError
 from kdray.layout import RunLayout
 from kdray.models import build_model, model_from_config
 from kdray.train.update import _teachers_for, grow_data, grow_model, read_interactions
+from test_jobs import _load_script, captured  # noqa: F401  (the stubbed kdray.cli.main fixture)
 
 TINY = ["data.n_users=60", "data.n_items=40", "data.n_interactions=900", "data.n_clusters=3", "student.dim=4",
         "teacher.dim=8", "distill.n_teachers=1", "student_train.batch_size=32", "student_train.lr=0.02",
@@ -120,6 +121,30 @@ def test_teacher_guides_only_when_it_knows_every_id(run, tmp_path):
     assert paths == [layout.teacher(0)] and "distilled from" in note
     paths, note = _teachers_for(cfg, layout, data, grew=True)
     assert paths == [] and "cannot score" in note
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command and the job script (no Ray)
+
+
+def test_update_job_runs_kdray_update(captured, monkeypatch):  # noqa: F811
+    job = _load_script("update", monkeypatch)
+    assert job.main(["--run", "/shared/runs/ml", "--interactions", "/shared/new.parquet", "--rollout"]) == 0
+    assert captured[-1] == ["update", "--address", "auto", "--run", "/shared/runs/ml", "--interactions",
+                            "/shared/new.parquet", "--epochs", "3", "--rollout"]
+
+
+def test_cli_update_bad_input_is_one_line_and_exit_2_before_ray(run, tmp_path, capsys):
+    from kdray.cli import main
+
+    _, layout, _ = run
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user,item,extra\n1,2,3\n")
+    assert main(["update", "--run", str(layout.root), "--interactions", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kdray: error:") and "unexpected column(s) ['extra']" in err and "\n" not in err
+    assert main(["update", "--run", str(tmp_path / "nope"), "--interactions", str(bad)]) == 2
+    assert "run directory" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------------------
