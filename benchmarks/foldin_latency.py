@@ -11,7 +11,9 @@ and implicit-ALS least-squares fold-in (Hu, Koren & Volinsky 2008) at its best (
 
 Latency: ``Recommender.recommend_queries`` for one query at a time, in-process (what a Serve replica runs per batch):
 a known user without history, a new user with a history of 10 / 50 / 200 items, and a known user with 10 recent
-items. Results to ``--out`` as JSON, a Markdown table on stdout.
+items; then the same on an untrained MF-16 over a Gowalla-sized catalog (``--large-items``, 40,981 items by default;
+fold-in's cost depends on the catalog and the dimension, not on the weights' values). Results to ``--out`` as JSON,
+a Markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -39,9 +41,10 @@ from kdray.config import load_config  # noqa: E402
 from kdray.distill import without_distillation  # noqa: E402
 from kdray.data.prepare import TRAIN_BY_USER, PreparedData, prepare  # noqa: E402
 from kdray.metrics import full_ranking_evaluate  # noqa: E402
-from kdray.models import model_from_config  # noqa: E402
+from kdray.models import build_model, model_from_config  # noqa: E402
 from kdray.serve.foldin import ItemSide, fold_in, item_side  # noqa: E402
 from kdray.serve.predictor import Query, Recommender  # noqa: E402
+from kdray.sparse import Csr  # noqa: E402
 from kdray.train.loop import run_epoch  # noqa: E402
 from kdray.train.objective import Objective  # noqa: E402
 from kdray.train.shard import LocalShard  # noqa: E402
@@ -96,14 +99,24 @@ def quality(side: ItemSide, model: torch.nn.Module, data: PreparedData, l2_grid,
     return out
 
 
-def latency(rec: Recommender, data: PreparedData, repeats: int) -> dict[str, dict[str, float]]:
+def large_catalog(n_items: int, dim: int, directory: Path) -> tuple[Recommender, np.ndarray, np.ndarray]:
+    """An untrained MF over ``n_items`` items (and as many users, one seen item each), for latency only."""
+    torch.manual_seed(0)
+    users, items = np.array([f"u{n}" for n in range(n_items)]), np.array([f"i{n}" for n in range(n_items)])
+    seen = Csr.from_pairs(np.arange(n_items), np.arange(n_items), n_items, n_items)
+    model = build_model("mf", n_users=n_items, n_items=n_items, dim=dim)
+    ckpt = save_checkpoint(directory, model, role="student", config={"name": "large"},
+                           vocab=Vocab(user_ids=users, item_ids=items, seen=seen))
+    return Recommender.from_checkpoint(ckpt, max_history=200), users, items
+
+
+def latency(rec: Recommender, user_ids: np.ndarray, items: np.ndarray, repeats: int) -> dict[str, dict[str, float]]:
     rng = np.random.default_rng(0)
-    items = data.item_ids
-    cases = {"known user, no history": lambda: Query(data.user_ids[rng.integers(data.n_users)], 10)}
+    cases = {"known user, no history": lambda: Query(user_ids[rng.integers(user_ids.size)], 10)}
     for n in (10, 50, 200):
         cases[f"new user, history of {n}"] = (
             lambda n=n: Query("new-user", 10, history=rng.choice(items, min(n, items.size), replace=False).tolist()))
-    cases["known user, 10 recent items"] = lambda: Query(data.user_ids[rng.integers(data.n_users)], 10,
+    cases["known user, 10 recent items"] = lambda: Query(user_ids[rng.integers(user_ids.size)], 10,
                                                          history=rng.choice(items, 10, replace=False).tolist())
     out = {}
     for name, make in cases.items():
@@ -124,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--data", type=Path, default=DATA, help="the unpacked ml-100k folder")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--repeats", type=int, default=300)
+    p.add_argument("--large-items", type=int, default=40_981, help="the large catalog's size (0: skip it)")
     p.add_argument("--smoke-test", action="store_true", help="built-in synthetic data, 2 epochs, a small grid")
     p.add_argument("--out", type=Path, default=Path("foldin_latency.json"))
     args = p.parse_args(argv)
@@ -132,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.smoke_test:
         cfg = load_config(None, ["data.n_users=300", "data.n_items=200", "data.n_interactions=6000",
                                  "student.dim=8", f"runs_dir={work}"])
-        args.epochs, args.repeats, l2_grid, als_grid = 2, 20, (1.0,), ALS_GRID[:1]
+        args.epochs, args.repeats, args.large_items, l2_grid, als_grid = 2, 20, 2000, (1.0,), ALS_GRID[:1]
     else:
         cfg = load_config(REPO / "configs" / "ml-100k.yaml", [f"data.path={args.data}", "data.download=false",
                                                                 f"runs_dir={work}"])
@@ -150,13 +164,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     ckpt = save_checkpoint(work / "student", model, role="student", config={"name": "foldin-bench"},
                            vocab=Vocab(user_ids=data.user_ids, item_ids=data.item_ids, seen=data.train))
-    result["latency"] = latency(Recommender.from_checkpoint(ckpt, max_history=cfg.serve.max_history), data,
-                                args.repeats)
+    rec = Recommender.from_checkpoint(ckpt, max_history=cfg.serve.max_history)
+    result["latency"] = {f"{data.n_items} items (trained)": latency(rec, data.user_ids, data.item_ids, args.repeats)}
+    if args.large_items:
+        large = large_catalog(args.large_items, cfg.student.dim, work / "large")
+        result["latency"][f"{args.large_items} items (untrained)"] = latency(*large, args.repeats)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["quality_ndcg@10"], indent=2))
-    print("\n| query (in-process, 1 thread) | p50 ms | p99 ms |\n|---|---|---|")
-    for name, v in result["latency"].items():
-        print(f"| {name} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} |")
+    print("\n| catalog | query (in-process, 1 thread) | p50 ms | p99 ms |\n|---|---|---|---|")
+    for catalog, cases in result["latency"].items():
+        for name, v in cases.items():
+            print(f"| {catalog} | {name} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} |")
     return result
 
 

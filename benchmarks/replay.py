@@ -32,6 +32,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -130,16 +131,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--retrain-chunks", type=int, nargs="*", default=None,
                    help="chunks to fully retrain before (default: the last one)")
     p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--work", type=Path, help="working folder (default: a new temporary one); a rerun with the same "
+                                               "folder reuses the trained runs")
     p.add_argument("--smoke-test", action="store_true")
     p.add_argument("--out", type=Path, default=Path("replay.json"))
     args = p.parse_args(argv)
     retrain_chunks = args.retrain_chunks if args.retrain_chunks is not None else [args.chunks - 1]
     torch.set_num_threads(1)
-    work = Path(tempfile.mkdtemp(prefix="kdray-replay-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="kdray-replay-"))
+    work.mkdir(parents=True, exist_ok=True)
     events = load_events(args, work)
     cut = int(0.8 * len(events))
     head, tail = events.iloc[:cut], events.iloc[cut:]
-    chunks = np.array_split(tail, args.chunks)
+    bounds = np.linspace(0, len(tail), args.chunks + 1).astype(int)
+    chunks = [tail.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
     pq.write_table(pa.Table.from_pandas(head, preserve_index=False), work / "train.parquet")
 
     init_ray("local", num_cpus=2, object_store_memory=512 << 20, log_to_driver=False)
@@ -149,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     cfg = base_config(args, work, "replay", work / "train.parquet")
     student, base_seconds = train_run(cfg)
+    shutil.rmtree(RunLayout(cfg.run_dir).versions, ignore_errors=True)  # refreshes of an earlier replay
     frozen = Recommender.from_checkpoint(student, max_history=cfg.serve.max_history)
     serve_checkpoint(student, cfg.serve, blocking=False)  # the application each refresh rolls out to
     base_users = set(head["user"])
