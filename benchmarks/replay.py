@@ -10,6 +10,7 @@ each strategy recommends 10 items to every user who has interactions in chunk c,
 that user's chunk-c items (ideal DCG over min(|truth|, 10); every item the user interacted with before chunk c is
 excluded; items the model does not know count as misses):
 
+* popular: the training split's most popular items for everybody (the baseline);
 * frozen: the run's student, as trained; a user it does not know gets the popular list;
 * fold-in: the same student served with ``history`` = the user's interactions since the training cut (at most
   serve.max_history, the latest), i.e. what a client would send with each request;
@@ -100,15 +101,18 @@ def ndcg(ranked: list[str], truth: set[str]) -> float:
 
 
 def evaluate(rec: Recommender, chunk: pd.DataFrame, before: dict[str, list[str]], since_cut: dict[str, list[str]],
-             fold: bool, new_users: set[str]) -> dict[str, Any]:
-    """Mean NDCG@10 of ``rec`` on ``chunk``'s users (all, and those the base run did not know)."""
-    scores, new_scores, seconds = [], [], []
+             fold: bool, new_users: set[str], anonymous: bool = False) -> dict[str, Any]:
+    """Mean NDCG@10 of ``rec`` on ``chunk``'s users: all of them, those the base run did not know, and those with
+    interactions since the training cut (the ones fold-in can change). ``anonymous`` asks as an unknown user: the
+    training popularity list, the baseline every personal strategy has to beat."""
+    scores, new_scores, active_scores, seconds = [], [], [], []
     for user, truth in chunk.groupby("user")["item"]:
         prev = set(before.get(user, []))
         history = since_cut.get(user, [])[-rec.max_history:] if fold else None
         k = min(rec.n_items, K + len(prev))
         t0 = time.perf_counter()
-        (out,) = rec.recommend_queries([Query(user, k, exclude_seen=True, history=history or None)])
+        (out,) = rec.recommend_queries([Query("" if anonymous else user, k, exclude_seen=True,
+                                              history=history or None)])
         if history:
             seconds.append(time.perf_counter() - t0)
         ranked = [i for i in out.item_ids if i not in prev][:K]
@@ -116,8 +120,12 @@ def evaluate(rec: Recommender, chunk: pd.DataFrame, before: dict[str, list[str]]
         scores.append(value)
         if user in new_users:
             new_scores.append(value)
+        if since_cut.get(user):
+            active_scores.append(value)
     return {"ndcg@10": float(np.mean(scores)), "users": len(scores),
             "ndcg@10_new_users": float(np.mean(new_scores)) if new_scores else None, "new_users": len(new_scores),
+            "ndcg@10_with_history": float(np.mean(active_scores)) if active_scores else None,
+            "with_history": len(active_scores),
             "request_s_p50": statistics.median(seconds) if seconds else None}
 
 
@@ -166,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for c, chunk in enumerate(chunks):
             new_users = set(chunk["user"]) - base_users
             row: dict[str, Any] = {"chunk": c + 1, "interactions": len(chunk)}
+            row["popular"] = evaluate(frozen, chunk, before, since_cut, False, new_users, anonymous=True)
             row["frozen"] = evaluate(frozen, chunk, before, since_cut, False, new_users)
             row["fold-in"] = evaluate(frozen, chunk, before, since_cut, True, new_users)
             row["refresh"] = evaluate(refreshed, chunk, before, since_cut, False, new_users)
@@ -208,21 +217,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def table(result: dict[str, Any]) -> str:
-    strategies = ["frozen", "fold-in", "refresh", "full retrain"]
-    lines = ["| chunk | users (new) | " + " | ".join(strategies) + " |", "|---|---|" + "---|" * len(strategies)]
+    strategies = ["popular", "frozen", "fold-in", "refresh", "full retrain"]
+    lines = ["| chunk | users (new, with a history) | " + " | ".join(strategies) +
+             " | fold-in vs frozen, users with a history |", "|---|---|" + "---|" * (len(strategies) + 1)]
     for row in result["rows"]:
         cells = [f"{row[s]['ndcg@10']:.4f}" if s in row else "–" for s in strategies]
-        lines.append(f"| {row['chunk']} | {row['frozen']['users']} ({row['frozen']['new_users']}) | "
-                     + " | ".join(cells) + " |")
+        f, h = row["frozen"], row["fold-in"]
+        versus = f"{h['ndcg@10_with_history']:.4f} vs {f['ndcg@10_with_history']:.4f}" if f["with_history"] else "–"
+        lines.append(f"| {row['chunk']} | {f['users']} ({f['new_users']}, {f['with_history']}) | "
+                     + " | ".join(cells) + f" | {versus} |")
     means = [np.mean([r[s]["ndcg@10"] for r in result["rows"] if s in r]) if any(s in r for r in result["rows"])
              else float("nan") for s in strategies]
-    lines.append("| mean | | " + " | ".join(f"{m:.4f}" for m in means) + " |")
+    lines.append("| mean | | " + " | ".join(f"{m:.4f}" for m in means) + " | |")
     fold = [r["fold-in"]["request_s_p50"] for r in result["rows"] if r["fold-in"]["request_s_p50"]]
     upd = [u["update_seconds"] + (u["rollout_seconds"] or 0) for u in result["updates"]]
     retrain = [r["full retrain"]["train_s"] for r in result["rows"] if "full retrain" in r]
     lines += ["", "| strategy | freshness: interaction to served effect |", "|---|---|",
               "| frozen | never (until a retrain) |",
-              f"| fold-in | {1000 * statistics.median(fold):.1f} ms (p50 in-process request)" if fold else "| fold-in | – |",
+              f"| fold-in | {1000 * statistics.median(fold):.1f} ms (p50 in-process request) |" if fold
+              else "| fold-in | – |",
               f"| refresh | {statistics.median(upd):.0f} s (update + rollout, median of {len(upd)}) + the period |"
               if upd else "| refresh | – |",
               f"| full retrain | {statistics.median(retrain):.0f} s (teacher + student) + the period |"
