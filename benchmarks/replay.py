@@ -226,9 +226,13 @@ def table(result: dict[str, Any]) -> str:
         versus = f"{h['ndcg@10_with_history']:.4f} vs {f['ndcg@10_with_history']:.4f}" if f["with_history"] else "–"
         lines.append(f"| {row['chunk']} | {f['users']} ({f['new_users']}, {f['with_history']}) | "
                      + " | ".join(cells) + f" | {versus} |")
-    means = [np.mean([r[s]["ndcg@10"] for r in result["rows"] if s in r]) if any(s in r for r in result["rows"])
-             else float("nan") for s in strategies]
-    lines.append("| mean | | " + " | ".join(f"{m:.4f}" for m in means) + " | |")
+    means = []
+    for s in strategies:
+        values = [r[s]["ndcg@10"] for r in result["rows"] if s in r]
+        same = [r["refresh"]["ndcg@10"] for r in result["rows"] if s in r]  # refresh on the same chunks
+        means.append("–" if not values else f"{np.mean(values):.4f}" if len(values) == len(result["rows"]) else
+                     f"{np.mean(values):.4f} ({len(values)} chunks; refresh there {np.mean(same):.4f})")
+    lines.append("| mean | | " + " | ".join(means) + " | |")
     fold = [r["fold-in"]["request_s_p50"] for r in result["rows"] if r["fold-in"]["request_s_p50"]]
     upd = [u["update_seconds"] + (u["rollout_seconds"] or 0) for u in result["updates"]]
     retrain = [r["full retrain"]["train_s"] for r in result["rows"] if "full retrain" in r]
