@@ -48,7 +48,7 @@ def test_matches_an_independent_lbfgs_minimum_of_the_same_loss():
     history, prior = torch.tensor([3, 7, 7, 21, 40]), torch.randn(6, generator=gen, dtype=torch.float64)
     p = fold_in(side, history, prior, l2=0.7, tol=1e-12)
     ref = prior.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([ref], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
+    opt = torch.optim.LBFGS([ref], max_iter=100, tolerance_grad=1e-10, tolerance_change=1e-14,
                             line_search_fn="strong_wolfe")
 
     def closure():
