@@ -8,6 +8,7 @@
     kdray tune     [--config FILE] [--resume] [key=value ...]
     kdray study    [--config FILE] [--resume] [key=value ...]   the equal-budget study: teacher, alone, distilled
     kdray serve    --checkpoint CKPT [--config FILE] [key=value ...]
+    kdray update   --run RUN --interactions NEW.parquet [--checkpoint CKPT] [--epochs N] [--rollout] [key=value ...]
 
 Every command takes ``--address`` (or ``RAY_ADDRESS``) to run on an existing Ray cluster; without it a local cluster
 is started. User mistakes (bad config, missing files, mismatched checkpoints) print one line naming the problem and
@@ -65,6 +66,14 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                    help="keep serving until interrupted (default)")
     p.add_argument("--verbose", "-v", action="store_true",
                    help="show Ray's log lines on the console (default: only in RUN/logs/serve.log)")
+    p = sub.add_parser("update", parents=[common],
+                       help="fold new interactions into a run's student: a short warm-started training, a new version")
+    p.add_argument("--run", required=True, help="the run directory (its config.yaml is the default --config)")
+    p.add_argument("--interactions", required=True, help="Parquet or CSV with columns user, item[, timestamp]")
+    p.add_argument("--checkpoint", help="the student to start from (default: the run's latest version)")
+    p.add_argument("--epochs", type=int, default=3, help="epochs of the warm-started training (default 3)")
+    p.add_argument("--rollout", action="store_true",
+                   help="redeploy the running Serve application with the new version (zero downtime)")
     return parser, dict(sub.choices)
 
 
@@ -156,6 +165,16 @@ def run(argv: Sequence[str] | None = None) -> int:
     # Imports after parsing so `kdray --help` is instant and config errors come before Ray starts.
     from kdray.config import load_config
 
+    if args.command == "update":
+        from kdray.train.update import read_interactions, update_run
+
+        run_dir = _require_dir(args.run, "run directory")
+        cfg = load_config(args.config or RunLayout(run_dir).config, args.overrides)
+        rows = read_interactions(args.interactions)
+        init_ray(args.address)
+        update_run(cfg, run_dir, rows, source=str(Path(args.interactions).resolve()), checkpoint=args.checkpoint,
+                   epochs=args.epochs, rollout=args.rollout)
+        return 0
     cfg = load_config(args.config, args.overrides)
     if args.command == "data":
         from kdray.pipeline import prepare_data, write_resolved_config

@@ -292,6 +292,7 @@ class ServeConfig:
     max_ongoing_requests: Int = 64
     max_k: Count = 100
     max_request_batch: Count = 256
+    max_history: Count = 200  # longest fold-in history a request may carry (kdray.serve.foldin); longer: a 422
     min_replicas: Int = 1
     max_replicas: Int = 2
     target_ongoing_requests: Int = 16

@@ -11,6 +11,7 @@ A run lives in one deterministic directory, ``RUNS_DIR/NAME`` (no timestamps, so
     ray/                   Ray Train's own run state (resumable)
     tune/                  a search: search.json, ray/ (Tune state), trials/ARM/TRIAL/ (exported students)
     best/                  the search's winner
+    versions/N/            incremental refreshes (kdray update): data/, student/, update.json
     metrics.json, report.md
     learning_curves.png    validation metric per epoch of every model of the run
     logs/ray.log           what Ray printed (the console shows kdray's lines only)
@@ -95,6 +96,15 @@ class RunLayout:
     @property
     def best(self) -> Path:
         return self.root / "best"
+
+    @property
+    def versions(self) -> Path:
+        """Incremental refreshes (``kdray update``): ``versions/N/`` holds data/, student/ and update.json of
+        version N (N >= 2; version 1 is the run's own data/ and student/)."""
+        return self.root / "versions"
+
+    def version(self, n: int) -> Path:
+        return self.versions / str(n)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from kdray.checkpoint import load_checkpoint
 from kdray.cli import main

@@ -325,6 +325,15 @@ def prepare(cfg: DataConfig, out_dir: Path) -> PreparedData:
     return load_prepared(out_dir)
 
 
+def write_prepared(data: PreparedData, out_dir: Path) -> PreparedData:
+    """Writes ``data`` (built in memory, e.g. grown by :mod:`kdray.train.update`) as a prepared-data folder in
+    ``out_dir``, atomically; returns it as read back from there."""
+    fields = {name: getattr(data, name) for name in (*SPLITS, "user_ids", "item_ids", "user_features",
+                                                     "item_features", "meta")}
+    atomic_replace_dir(Path(out_dir), lambda tmp: _write(tmp, fields))
+    return load_prepared(out_dir)
+
+
 def load_prepared(out_dir: Path) -> PreparedData:
     """Reads a folder written by :func:`prepare`; DataError when it is missing, incomplete or corrupt."""
     out_dir = Path(out_dir)

@@ -2,10 +2,11 @@
 
 Routes (relative to ``serve.route_prefix``):
 
-    POST /recommend        {"user_id": 42, "k": 10, "exclude_seen": true}
-                           -> {"user_id", "items": [{"item_id", "score"}], "cold_start", "model": {"name", "version"}}
-    POST /recommend/batch  {"user_ids": [42, "u7"], "k": 10, "exclude_seen": true}
-                           -> {"results": [{"user_id", "items", "cold_start"}], "model": {"name", "version"}}
+    POST /recommend        {"user_id": 42, "k": 10, "exclude_seen": true, "history": [50, "i9"]}
+                           -> {"user_id", "items": [{"item_id", "score"}], "cold_start", "unknown_items",
+                               "model": {"name", "version"}}
+    POST /recommend/batch  {"user_ids": [42, "u7"], "k": 10, "exclude_seen": true, "histories": [[50], null]}
+                           -> {"results": [{"user_id", "items", "cold_start", "unknown_items"}], "model": {...}}
     POST /predict          {"user_id": 42, "item_ids": [1, "7"], "features": {"occupation": "writer"}}
                            -> {"user_id", "predictions": [{"item_id", "probability", "rating"}], "model"}
                               (a pointwise checkpoint, task: pointwise; a ranking one answers /recommend instead)
@@ -13,6 +14,10 @@ Routes (relative to ``serve.route_prefix``):
     GET  /model            -> architecture, parameters, metrics, creation time, teacher lineage, version, and the
                               answering replica's @serve.batch counters (batches, batched_requests)
     GET  /docs             OpenAPI (Swagger) page; the schema is at /openapi.json
+
+``history`` (optional, at most serve.max_history raw item ids) is the user's recent items: the user vector is folded
+in from it at request time (kdray.serve.foldin), its items are excluded with exclude_seen, and ids the catalog does
+not know come back in ``unknown_items``. ``histories`` is the batch form: one history (or null) per user id.
 
 Single requests go through ``@serve.batch``: concurrent requests on one replica are scored by one ``score_all`` call.
 A POST body is read as JSON whatever its content type (``curl -d`` sends a form type). Client mistakes are 422 with
@@ -85,6 +90,9 @@ UserId = Annotated[
 ]
 K = Annotated[StrictInt, Field(ge=1, description="number of items to return (at most the catalog and serve.max_k)")]
 ExcludeSeen = Annotated[StrictBool, Field(description="leave out the items the user interacted with in training")]
+ItemId = Union[StrictInt, Annotated[StrictStr, StringConstraints(max_length=256)]]
+History = Annotated[list[ItemId], Field(description="the user's recent raw item ids (at most serve.max_history), "
+                                                    "folded into the user vector at request time")]
 
 
 class _Strict(BaseModel):
@@ -95,12 +103,15 @@ class RecommendRequest(_Strict):
     user_id: UserId
     k: K = 10
     exclude_seen: ExcludeSeen = True
+    history: Union[History, None] = None
 
 
 class BatchRequest(_Strict):
     user_ids: list[UserId] = Field(min_length=1, description="at most serve.max_request_batch users")
     k: K = 10
     exclude_seen: ExcludeSeen = True
+    histories: Union[list[Union[History, None]], None] = Field(
+        None, description="one history (or null) per user id, in the same order")
 
 
 class ItemScore(BaseModel):
@@ -117,6 +128,8 @@ class UserRecommendations(BaseModel):
     user_id: Union[int, str]
     items: list[ItemScore]
     cold_start: bool = Field(description="unknown user: the most popular items instead of personal ones")
+    unknown_items: list[str] = Field(default_factory=list,
+                                     description="history item ids the model does not know (ignored)")
 
 
 class RecommendResponse(UserRecommendations):
@@ -138,6 +151,7 @@ def _user_dict(rec: Recommendation) -> dict[str, Any]:
         "user_id": rec.user_id,
         "items": [{"item_id": i, "score": s} for i, s in zip(rec.item_ids, rec.scores)],
         "cold_start": rec.cold_start,
+        "unknown_items": rec.unknown_items,
     }
 
 
@@ -190,7 +204,8 @@ def _load_predictor(checkpoint_dir: str, device: str, serve_cfg: ServeConfig) ->
     if ckpt.features is not None:
         return _RankingOnly(ckpt, version=checkpoint_version(checkpoint_dir), device=device,
                             max_items=serve_cfg.max_request_batch)
-    return Recommender(ckpt, version=checkpoint_version(checkpoint_dir), device=device, max_k=serve_cfg.max_k)
+    return Recommender(ckpt, version=checkpoint_version(checkpoint_dir), device=device, max_k=serve_cfg.max_k,
+                       max_history=serve_cfg.max_history)
 
 
 def _predict(predictor: Union[Recommender, PointwisePredictor], body: PredictRequest) -> list[dict[str, Any]]:
@@ -276,9 +291,11 @@ class RecommenderDeployment:
         logger.info("serving %s version %s from %s on %s", self.predictor.name, self.predictor.version,
                     checkpoint_dir, device)
 
-    def _check_k(self, k: int) -> None:
+    def _check_k(self, k: int, histories: Any = ()) -> None:
         try:
             self.predictor.check_k(k)
+            for history in histories or ():
+                self.predictor.check_history(history)
         except RequestError as e:
             raise _unprocessable(e.field, e.message) from None
 
@@ -290,8 +307,8 @@ class RecommenderDeployment:
 
     @api.post("/recommend", response_model=RecommendResponse)
     async def recommend(self, body: RecommendRequest) -> dict[str, Any]:
-        self._check_k(body.k)  # before batching: one bad request must not fail the batch it would join
-        rec = await self._recommend_batched(Query(body.user_id, body.k, body.exclude_seen))
+        self._check_k(body.k, [body.history])  # before batching: one bad request must not fail the batch it would join
+        rec = await self._recommend_batched(Query(body.user_id, body.k, body.exclude_seen, body.history))
         return {**_user_dict(rec), "model": self.model_ref}
 
     @api.post("/recommend/batch", response_model=BatchResponse)
@@ -299,8 +316,13 @@ class RecommenderDeployment:
         if len(body.user_ids) > self.max_request_batch:
             raise _unprocessable("user_ids", f"{len(body.user_ids)} users is more than the limit of "
                                              f"{self.max_request_batch} per request (serve.max_request_batch)")
-        self._check_k(body.k)
-        recs = self.predictor.recommend(body.user_ids, body.k, body.exclude_seen)
+        histories = body.histories if body.histories is not None else [None] * len(body.user_ids)
+        if len(histories) != len(body.user_ids):
+            raise _unprocessable("histories", f"{len(histories)} histories for {len(body.user_ids)} user ids; send "
+                                              "one per user id (null for none)")
+        self._check_k(body.k, histories)
+        recs = self.predictor.recommend_queries([Query(u, body.k, body.exclude_seen, h)
+                                                 for u, h in zip(body.user_ids, histories)])
         return {"results": [_user_dict(r) for r in recs], "model": self.model_ref}
 
     @api.post("/predict", response_model=PredictResponse)

@@ -26,7 +26,7 @@ from kdray.data.prepare import TRAIN_BY_USER, PreparedData
 from kdray.distill.teacher import TeacherTopK, model_state, pca_init_state
 from kdray.errors import KdrayError
 from kdray.layout import RunLayout
-from kdray.models import count_parameters, model_from_config
+from kdray.models import RecModel, count_parameters, model_from_config
 from kdray.train.loop import (
     FAILURE_KEY,
     NonFiniteLossError,
@@ -85,7 +85,8 @@ class TrainSetup:
     distill_record: dict[str, Any] | None  # the lineage's distillation settings (None: not distilled)
 
 
-def _ranking_setup(cfg: Config, role: str, data: PreparedData, teachers: Sequence[Path]) -> TrainSetup:
+def _ranking_setup(cfg: Config, role: str, data: PreparedData, teachers: Sequence[Path],
+                   initial_model: RecModel | None = None) -> TrainSetup:
     import ray
     import ray.data
 
@@ -112,9 +113,12 @@ def _ranking_setup(cfg: Config, role: str, data: PreparedData, teachers: Sequenc
     # LightGCN's training graph and a teacher-initialised start travel with it, and every worker starts from
     # identical weights.
     torch.manual_seed((cfg.teacher_train if role == "teacher" else cfg.student_train).seed)
-    initial = model_from_config(cfg.teacher if role == "teacher" else cfg.student, data)
-    if role == "student" and cfg.distill.init_from_teacher and teacher_ckpts:
-        initial.load_state_dict(pca_init_state(initial, teacher_ckpts[0].model))
+    if initial_model is not None:  # a warm start (kdray.train.update): its weights, no teacher-initialised start
+        initial = initial_model
+    else:
+        initial = model_from_config(cfg.teacher if role == "teacher" else cfg.student, data)
+        if role == "student" and cfg.distill.init_from_teacher and teacher_ckpts:
+            initial.load_state_dict(pca_init_state(initial, teacher_ckpts[0].model))
 
     def save(out_dir: Path, model: Any, **kwargs: Any) -> Path:
         return save_checkpoint(out_dir, model, vocab=Vocab(user_ids=data.user_ids, item_ids=data.item_ids,
@@ -128,12 +132,15 @@ def _ranking_setup(cfg: Config, role: str, data: PreparedData, teachers: Sequenc
 def train_model(cfg: Config, role: str, data: Any, *, out_dir: Path, name: str,
                 teachers: Sequence[Path] = (), storage_path: str | None = None,
                 callbacks: Sequence[Any] = (), stage_key: str | None = None,
-                progress: Callable[[Event], None] | None = None) -> TrainOutcome:
+                progress: Callable[[Event], None] | None = None,
+                initial_model: RecModel | None = None) -> TrainOutcome:
     """Trains a teacher or a student on Ray Train and exports its best epoch to ``out_dir``. ``data`` is the
     task's prepared data (``PreparedData`` for ranking, ``PointwiseData`` for the pointwise task).
 
     ``name`` is the Ray Train run name: rerunning with the same name and storage resumes an interrupted run.
     ``progress`` receives each epoch's record (kdray.train.progress) in this process while ``fit`` runs.
+    ``initial_model`` (sized to ``data``) warm-starts training from its weights instead of a fresh seeded model and
+    the teacher-initialised start (kdray.train.update's incremental refresh; ranking task).
     """
     import ray
     import ray.train
@@ -149,7 +156,7 @@ def train_model(cfg: Config, role: str, data: Any, *, out_dir: Path, name: str,
                            uses_teacher=p.uses_teacher, save=p.save,
                            distill_record=lineage_distill(cfg) if p.uses_teacher else None)
     else:
-        setup = _ranking_setup(cfg, role, data, teachers)
+        setup = _ranking_setup(cfg, role, data, teachers, initial_model)
 
     use_gpu = resolve_use_gpu(cfg)
     storage = storage_path or cfg.ray.storage_path or str(RunLayout(cfg.run_dir).ray.resolve())
