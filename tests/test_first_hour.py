@@ -177,7 +177,8 @@ TINY = ["data.n_users=120", "data.n_items=80", "data.n_interactions=3000", "data
         "teacher.dim=16", "teacher.hidden=[]", "student.dim=4", "teacher_train.epochs=2", "student_train.epochs=2",
         "teacher_train.lr=0.02", "student_train.lr=0.02", "teacher_train.batch_size=64",
         "student_train.batch_size=64", "eval.batch_size=64", "distill.n_teachers=1",
-        "distill.init_from_teacher=false"]
+        "distill.init_from_teacher=false",
+        "teacher_search.enabled=false"]  # the teacher trains in the pipeline, so its epoch lines are on the console
 
 
 @pytest.mark.ray

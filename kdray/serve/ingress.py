@@ -78,6 +78,10 @@ def ingress_env(cfg: ServeConfig) -> dict[str, str]:
     if cfg.ingress == "haproxy":
         haproxy_binary()
         env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+        # A replica that dies under load leaves HAProxy a window before its health check marks it down: requests sent
+        # to it then fail with an empty or broken response. kdray's routes only read (recommend, predict), so
+        # retrying them on another replica is safe; Ray's default retries connection failures only.
+        env["RAY_SERVE_HAPROXY_RETRY_ON"] = "conn-failure empty-response junk-response 502 503"
         env.update({var: str(_free_port()) for var in _FREE_PORT_VARS})
     return {**env, **{k: os.environ[k] for k in env if k in os.environ}}
 
