@@ -17,84 +17,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import importlib
 import json
 import re
 from dataclasses import MISSING
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import yaml
-from pydantic import AfterValidator, AllowInfNan, BeforeValidator, ConfigDict, Strict, TypeAdapter, ValidationError
-from pydantic import model_validator
+from pydantic import ConfigDict, TypeAdapter, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
-from pydantic_core import PydanticCustomError
 
+from kdray.config_types import (Bool, Count, DataSource, DistillLoss, Float, HardLoss, Int, ModelName, NonNegFloat,
+                                NonNegInt, PosFloat, PosInt, Str, Widths, config_error, list_of, rule, short)
 from kdray.errors import ConfigError
 
-# ----------------------------------------------------------------------------------------------------------------
-# Value types: strict (no bool where a number is expected, no float where an int is), 64-bit ints, finite floats,
-# lists as tuples, names from the registries. Each rule's message is the tail of "<key>: <value> ...".
-
-
-def _short(value: Any) -> str:
-    """``repr(value)``, cut to a readable length (a YAML file may hold a 400-digit number)."""
-    text = repr(list(value) if isinstance(value, tuple) else value)  # the list the user wrote, not our tuple
-    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
-
-
-def _rule(ok: Callable[[Any], bool], phrase: str) -> AfterValidator:
-    """A check on the typed value; failing it reads ``<key>: <value> <phrase>``."""
-    def check(value: Any) -> Any:
-        if not ok(value):
-            raise PydanticCustomError("kdray", "{value} " + phrase, {"value": _short(value)})
-        return value
-    return AfterValidator(check)
-
-
-def _list_of(n: int | None = None) -> BeforeValidator:
-    """A YAML list (or a tuple) of ``n`` values, or of any length; pydantic then types each value."""
-    def check(value: Any) -> Any:
-        if not isinstance(value, (list, tuple)):
-            raise PydanticCustomError("kdray", "expected a list, got {value}", {"value": _short(value)})
-        if n is not None and len(value) != n:
-            raise PydanticCustomError("kdray", "expected a list of {n} values, got {got}: {value}",
-                                      {"n": n, "got": len(value), "value": _short(value)})
-        return value
-    return BeforeValidator(check)
-
-
-def _registered(registry: str, *extra: str) -> AfterValidator:
-    """A name held by ``registry`` ("module:attribute", a dict or tuple of names; several separated by spaces), or
-    one of ``extra``. The registry is imported when a config is validated, not with this module: the registries
-    import torch, and the CLI imports this module before Ray starts."""
-    def check(name: str) -> str:
-        allowed = tuple(dict.fromkeys([*extra, *(n for entry in registry.split() for n in getattr(
-            importlib.import_module(entry.split(":")[0]), entry.split(":")[1]))]))
-        if name not in allowed:
-            raise PydanticCustomError("kdray", "{value} is not allowed; allowed values: {allowed}",
-                                      {"value": _short(name), "allowed": ", ".join(map(repr, allowed))})
-        return name
-    return AfterValidator(check)
-
-
-Int = Annotated[int, Strict(), _rule(lambda v: -2**63 <= v < 2**63,  # torch, numpy and Ray take 64-bit integers
-                                     "is out of range; expected an integer in [-2**63, 2**63)")]
-Float = Annotated[float, Strict(), AllowInfNan(False)]  # strict floats still take ints, as floats
-Bool = Annotated[bool, Strict()]
-Str = Annotated[str, Strict()]
-Positive = _rule(lambda v: v > 0, "must be > 0")
-NonNegative = _rule(lambda v: v >= 0, "must be >= 0")
-PosInt, NonNegInt, Count = Annotated[Int, Positive], Annotated[Int, NonNegative], Annotated[Int, _rule(
-    lambda v: v >= 1, "must be >= 1")]
-PosFloat, NonNegFloat = Annotated[Float, Positive], Annotated[Float, NonNegative]
-# either task's registry here; Config._keys_agree then checks the name against the registry of cfg.task
-ModelName = Annotated[Str, _registered("kdray.models:MODELS kdray.models.pointwise:POINTWISE_MODELS")]
-DistillLoss = Annotated[Str, _registered("kdray.distill.losses:DISTILL_LOSSES", "none")]  # none: the student trains alone
-HardLoss = Annotated[Str, _registered("kdray.train.objective:HARD_LOSSES")]
-Widths = Annotated[tuple[Int, ...], _list_of(), _rule(lambda ws: all(w > 0 for w in ws), "must be positive widths")]
-
-DataSource = Literal["synthetic", "ml-100k", "ml-1m", "ml-10m", "ml-20m", "ml-25m", "lightgcn", "csv", "parquet"]
 section = dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 
 
@@ -124,7 +60,7 @@ class DataConfig:
     # random: each user's interactions split train/valid/test by split_ratios; loo: leave-one-out by time; given: the
     # file's own test set, and valid = valid / (train + valid) of each user's training items
     split: Literal["random", "loo", "given"] = "random"
-    split_ratios: Annotated[tuple[NonNegFloat, NonNegFloat, NonNegFloat], _list_of(3)] = (0.8, 0.1, 0.1)
+    split_ratios: Annotated[tuple[NonNegFloat, NonNegFloat, NonNegFloat], list_of(3)] = (0.8, 0.1, 0.1)
     side_features: Bool = True  # load user/item side features when the source has them (ml-100k)
     # synthetic generator (source == "synthetic")
     n_users: PosInt = 3000
@@ -152,7 +88,7 @@ class ModelConfig:
     name: ModelName = "mf"
     dim: PosInt = 64
     hidden: Widths = ()
-    dropout: Annotated[Float, _rule(lambda v: 0 <= v < 1, "must be in [0, 1)")] = 0.0
+    dropout: Annotated[Float, rule(lambda v: 0 <= v < 1, "must be in [0, 1)")] = 0.0
 
 
 @section
@@ -160,12 +96,12 @@ class DistillConfig:
     """How the student learns from the teacher(s)."""
 
     loss: DistillLoss = "rd"  # the defaults are the best setting of the study in BENCHMARKS.md
-    alpha: Annotated[Float, _rule(lambda v: 0 <= v <= 1, "must be in [0, 1]")] = 0.7  # (1-alpha) hard + alpha distill
+    alpha: Annotated[Float, rule(lambda v: 0 <= v <= 1, "must be in [0, 1]")] = 0.7  # (1-alpha) hard + alpha distill
     temperature: PosFloat = 1.0
     topk: PosInt = 10  # ranking distillation: the teacher's top-K unobserved items
     mask_seen: Bool = True  # leave the user's training positives out of both distributions
     n_teachers: Count = 3  # >1 trains an ensemble of teachers with different seeds (the study's best on built-in data)
-    teacher_weights: Annotated[tuple[Float, ...], _list_of(), _rule(  # ensemble weights (empty = uniform)
+    teacher_weights: Annotated[tuple[Float, ...], list_of(), rule(  # ensemble weights (empty = uniform)
         lambda ws: all(w >= 0 for w in ws) and (not ws or sum(ws) > 0), "must be non-negative with a positive sum")] = ()
     init_from_teacher: Bool = True  # start the student from the teacher's user/item vectors projected by PCA
     # precompute the teacher's top-K per user with Ray Data instead of scoring per batch; the cache holds unobserved
@@ -206,12 +142,12 @@ class RayConfig:
     shard_mode: Literal["memory", "stream"] = "memory"
     storage_path: Str | None = None  # Ray Train results and checkpoints (None = RUN/ray); shared FS or s3:// on many nodes
     # worker-group restarts from the last checkpoint before a training fails (-1 = unlimited)
-    max_failures: Annotated[Int, _rule(lambda v: v >= -1, "must be >= 0 (or -1 for unlimited)")] = 2
+    max_failures: Annotated[Int, rule(lambda v: v >= -1, "must be >= 0 (or -1 for unlimited)")] = 2
 
 
 @section
 class EvalConfig:
-    ks: Annotated[Widths, _rule(len, "must be positive cut-offs")] = (10, 20)
+    ks: Annotated[Widths, rule(len, "must be positive cut-offs")] = (10, 20)
     metric: Literal["ndcg", "recall", "hr", "mrr", "precision"] = "ndcg"  # model selection on validation: metric@k
     k: PosInt = 10
     batch_size: PosInt = 1024
@@ -225,7 +161,7 @@ class TuneConfig:
     max_concurrent_trials: Count = 2
     searcher: Literal["random", "optuna", "hyperopt"] = "random"
     grace_period: Count = 1  # ASHA: epochs before a trial may be stopped
-    reduction_factor: Annotated[Int, _rule(lambda v: v >= 2, "must be >= 2")] = 2
+    reduction_factor: Annotated[Int, rule(lambda v: v >= 2, "must be >= 2")] = 2
     max_params_ratio: PosFloat = 0.1  # the winner must have at most this fraction of the teacher's parameters
     storage_path: Str | None = None  # None = RUN/tune/ray; a local dir, shared filesystem or s3:// URI
     autoscaling: Bool = False  # the cluster adds nodes for pending trials: skip the "can this ever run here" check
@@ -249,9 +185,9 @@ class StudyConfig:
     each get ``num_samples`` trials over the same training space, then each winner is retrained with every seed."""
 
     # label of benchmarks/results/<dataset>-d<dim>.json ("" = data.source)
-    dataset: Annotated[Str, _rule(lambda n: "/" not in n and n not in (".", ".."),
+    dataset: Annotated[Str, rule(lambda n: "/" not in n and n not in (".", ".."),
                                   "must be a file-name label without '/'")] = ""
-    seeds: Annotated[tuple[Int, ...], _list_of(), _rule(lambda s: len(s) >= 1 and len(set(s)) == len(s),
+    seeds: Annotated[tuple[Int, ...], list_of(), rule(lambda s: len(s) >= 1 and len(set(s)) == len(s),
                                                         "must be distinct seeds, at least one")] = (0, 1, 2)
     num_samples: Count = 8
     epochs: Count = 100  # every arm trains at most this many epochs (the default student peaks at 80-95) ...
@@ -267,14 +203,14 @@ class PointwiseConfig:
     """The pointwise task (``task: pointwise``): (user, item, features) rows with a like label and the rating."""
 
     like_threshold: Float = 4.0  # like = rating >= like_threshold
-    heads: Annotated[tuple[Literal["like", "rating"], ...], _list_of(), _rule(
+    heads: Annotated[tuple[Literal["like", "rating"], ...], list_of(), rule(
         lambda hs: len(hs) > 0 and len(set(hs)) == len(hs) and "like" in hs,
         "must be distinct heads including 'like' (AUC selects the model)")] = ("like",)
     task_weights: dict[Literal["like", "rating"], NonNegFloat] = dataclasses.field(
         default_factory=lambda: {"like": 1.0, "rating": 0.1})  # the rating MSE is ~10x the like BCE at the start
     # csv / parquet: the file's categorical and numeric feature columns (ml-100k's own fields are built in)
-    categorical: Annotated[tuple[Str, ...], _list_of()] = ()
-    numeric: Annotated[tuple[Str, ...], _list_of()] = ()
+    categorical: Annotated[tuple[Str, ...], list_of()] = ()
+    numeric: Annotated[tuple[Str, ...], list_of()] = ()
     # extra constructor options of the pointwise models (kdray.models.pointwise), e.g. {multitask: mmoe}
     teacher_options: dict[Str, Any] = dataclasses.field(default_factory=dict)
     student_options: dict[Str, Any] = dataclasses.field(default_factory=dict)
@@ -285,7 +221,7 @@ class PointwiseConfig:
 @section
 class ServeConfig:
     host: Str = "127.0.0.1"
-    port: Annotated[Int, _rule(lambda v: 0 < v < 65536, "must be in 1..65535")] = 8000
+    port: Annotated[Int, rule(lambda v: 0 < v < 65536, "must be in 1..65535")] = 8000
     route_prefix: Str = "/"
     max_batch_size: Count = 32
     batch_wait_timeout_s: Float = 0.0  # batches still form under load (BENCHMARKS.md); waiting only adds latency
@@ -321,7 +257,7 @@ def _check(cond: bool, message: str) -> None:
 @section
 class Config:
     # the run directory is RUNS_DIR/name: deterministic, so a rerun resumes
-    name: Annotated[Str, _rule(lambda n: n not in ("", ".", "..") and "/" not in n,
+    name: Annotated[Str, rule(lambda n: n not in ("", ".", "..") and "/" not in n,
                                "must be a non-empty directory name without '/'")] = "default"
     runs_dir: Str = "runs"
     task: Literal["ranking", "pointwise"] = "ranking"  # pointwise: like/rating prediction from features (issue 12)
@@ -399,7 +335,7 @@ class Config:
         if self.task == "pointwise":
             _check_pointwise(self)
         elif dist.init_from_teacher:
-            from kdray.models import MODELS  # imported here for the reason given in _registered
+            from kdray.models import MODELS  # imported here for the reason given in registered
             able = [name for name, cls in MODELS.items() if cls.pca_student]
             _check(self.student.name in able,
                    f"distill.init_from_teacher: needs id embeddings in both models; student.name={self.student.name!r}"
@@ -470,39 +406,6 @@ def pointwise_options(cfg: "Config", role: str, heads: Sequence[str]) -> dict[st
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# pydantic's errors as ConfigError: the dotted key, the bad value, what is allowed.
-
-_TYPE_ERRORS = {
-    "int_type": "expected an integer", "float_type": "expected a number", "bool_type": "expected true or false",
-    "string_type": "expected a string", "finite_number": "expected a finite number",
-    "dataclass_type": "expected a mapping of keys", "dict_type": "expected a mapping of keys",
-}
-_UNKNOWN_KEY = ("unexpected_keyword_argument", "invalid_key", "extra_forbidden")
-
-
-def _config_error(error: ValidationError) -> ConfigError:
-    """The first problem pydantic found, in the words of a user who edits YAML."""
-    e = error.errors()[0]
-    kind, loc, value, ctx = e["type"], [str(part) for part in e["loc"] if part != "[key]"], e["input"], e.get("ctx") or {}
-    key = ".".join(loc) or "config"  # list positions read data.split_ratios[2]
-    key = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", key) if kind not in _UNKNOWN_KEY else key
-    if kind == "value_error" and isinstance(ctx.get("error"), ConfigError):  # a check that spans several keys
-        return ctx["error"]
-    if kind in _UNKNOWN_KEY:
-        where = loc[:-1]
-        cls = Config.__pydantic_fields__[where[0]].annotation if where else Config
-        allowed = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
-        return ConfigError(f"unknown key {key}; allowed keys{' in ' + '.'.join(where) if where else ''}: {allowed}")
-    if kind == "kdray":  # this module's own rules
-        return ConfigError(f"{key}: {e['msg']}")
-    if kind == "literal_error":
-        return ConfigError(f"{key}: {_short(value)} is not allowed; allowed values: {ctx['expected']}")
-    if kind == "float_type" and isinstance(value, int) and not isinstance(value, bool):  # past the float range
-        kind = "finite_number"
-    return ConfigError(f"{key}: {_TYPE_ERRORS.get(kind, e['msg'])}, got {_short(value)}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Public API: load, override, serialise.
 
 
@@ -516,7 +419,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else raw
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or e
-        raise ConfigError(f"override {_short(text)}: the value is not valid YAML ({problem})") from None
+        raise ConfigError(f"override {short(text)}: the value is not valid YAML ({problem})") from None
     except ValueError as e:  # PyYAML's int() of a number past Python's 4300-digit limit
         raise ConfigError(f"override {key.strip()}: the value is not usable ({e})") from None
     return key.strip(), _yaml11_float(value)
@@ -563,7 +466,7 @@ def from_dict(values: dict[str, Any]) -> Config:
     try:
         return _adapter(Config).validate_python(tree)
     except ValidationError as e:
-        raise _config_error(e) from None
+        raise config_error(e, Config) from None
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
