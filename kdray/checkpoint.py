@@ -26,6 +26,7 @@ leaves a half checkpoint that later loads.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -296,3 +297,14 @@ def read_epoch_model(directory: Path) -> RecModel:
     model.load_state_dict(weights)
     return model
 
+
+def checkpoint_version(directory: str | Path) -> str:
+    """A short content hash of a checkpoint (its meta.json, which holds the creation time and role, and its weights):
+    two checkpoints with the same version serve the same answers."""
+    directory = Path(directory)
+    h = hashlib.sha256()
+    for name in (META, WEIGHTS):
+        with open(directory / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:12]

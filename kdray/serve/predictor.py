@@ -11,7 +11,6 @@ so everything here is unit-tested without Serve.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from kdray.checkpoint import META, WEIGHTS, Checkpoint, load_checkpoint
+from kdray.checkpoint import Checkpoint, checkpoint_version, load_checkpoint
 from kdray.errors import KdrayError
 from kdray.models import count_parameters
 from kdray.serve.foldin import DEFAULT_L2, fold_in, item_side, stored_user_vectors
@@ -55,18 +54,6 @@ class Recommendation:
     scores: list[float]
     cold_start: bool
     unknown_items: list[str] = field(default_factory=list)  # history ids not in the checkpoint's catalog (ignored)
-
-
-def checkpoint_version(directory: str | Path) -> str:
-    """A short content hash of a checkpoint (its meta.json, which holds the creation time and role, and its weights):
-    two checkpoints with the same version serve the same answers."""
-    directory = Path(directory)
-    h = hashlib.sha256()
-    for name in (META, WEIGHTS):
-        with open(directory / name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:12]
 
 
 class Recommender:
