@@ -101,6 +101,10 @@ def api(tmp_path_factory):
     finally:
         ray.serve.get_replica_context = original
         torch.set_num_threads(threads)
+        # @serve.batch keeps its queue (asyncio futures) in the decorated method's closure, created by the first call.
+        # A replica is its own process, but here the class is shared with every later test that deploys it, and Ray
+        # cannot pickle a class whose method holds a queue: drop it, as a fresh replica process would not have one.
+        plain._recommend_batched.set_max_batch_size.__self__._queue = None
 
 
 FIELDS = {"/recommend": ("user_id", "k", "exclude_seen"), "/recommend/batch": ("user_ids", "k", "exclude_seen")}

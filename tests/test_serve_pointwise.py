@@ -136,3 +136,4 @@ def test_predict_route_answers_and_rejects_bad_input_with_422(ray_cluster, ckpt)
         assert r.status_code == 422 and "POST /predict" in r.json()["detail"][0]["msg"]
     finally:
         serve.delete(APP_NAME)
+        serve.shutdown()  # the next test's Serve starts on its own port: a running Serve keeps the old one
