@@ -172,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rss-tolerance", type=float, default=0.10, help="allowed end/baseline growth (0.10 = 10%%)")
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
+    p.add_argument("--ingress", choices=("haproxy", "proxy", "direct"), default=ServeConfig().ingress,
+                   help="serve.ingress (default: kdray serve's)")
     p.add_argument("--out", type=Path, help="also write the JSON here")
     args = p.parse_args(argv)
 
@@ -192,7 +194,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         init_ray("local", num_cpus=2, object_store_memory=256 << 20, log_to_driver=False)
         log("ray started")
     port = free_port()
-    cfg = ServeConfig(port=port, min_replicas=args.replicas, max_replicas=args.replicas, num_cpus=args.num_cpus)
+    cfg = ServeConfig(port=port, min_replicas=args.replicas, max_replicas=args.replicas, num_cpus=args.num_cpus,
+                      ingress=args.ingress)
     with tempfile.TemporaryDirectory(prefix="kdray-soak-") as tmp:
         ckpt = write_checkpoint(Path(tmp) / "ckpt")
         try:
@@ -210,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if own_cluster:
         ray.shutdown()
         log("ray shut down")
-    result["config"] = {"replicas": args.replicas, "num_cpus": args.num_cpus,
+    result["config"] = {"ingress": cfg.ingress, "replicas": args.replicas, "num_cpus": args.num_cpus,
                         "max_ongoing_requests": cfg.max_ongoing_requests, "max_batch_size": cfg.max_batch_size,
                         "catalog": "2000 users x 5000 items, MF-16", "cpu_count": os.cpu_count()}
     text = json.dumps(result, indent=2)
