@@ -6,7 +6,8 @@ Reads every ``benchmarks/results/<dataset>-d<dim>.json`` (written by ``kdray stu
   end, with its markers, when the file has none) with one table per dataset: each student size against the tuned
   teacher, the student alone and the distilled student (test mean ± std over seeds), the gain, the share of the
   teacher-alone gap recovered, whether the gain exceeds 2x the larger seed std, and whether the tuned teacher beat
-  the tuned student alone on validation;
+  the tuned student alone on validation; and, for studies run with ``study.losses``, one row per distillation loss,
+  each tuned with the same budget against the same teacher and student alone;
 * draws per dataset the compression frontier, test metric against parameter count for every student size and the
   teacher, tuned alone against tuned distilled: ``benchmarks/results/<dataset>-frontier.png``.
 
@@ -63,6 +64,28 @@ def dataset_table(results: list[dict[str, Any]]) -> str:
             f"{_pm(c['mean']['distilled'], c['std']['distilled'])} | {c['gain']:+.4f} | {recovered} | "
             f"{'yes' if c['significant'] else 'no'} | {'yes' if r['teacher_beats_alone_on_valid'] else '**no**'} | "
             f"{len(r['arms']['alone'])} | {', '.join(map(str, trials))} |")
+    return "\n".join(lines)
+
+
+def losses_table(results: list[dict[str, Any]]) -> str | None:
+    """The distillation losses under the protocol (studies with ``study.losses``): per student size, the main loss
+    and each extra one, with its validation winner, test score, gain over the student alone and share of the gap.
+    None when no study compared losses."""
+    if not any(r.get("losses") for r in results):
+        return None
+    metric = results[0]["metric"]
+    lines = [f"| student dim | distillation loss | best trial, validation | distilled {metric} | gain vs alone | "
+             "gap recovered | gain > 2x seed std |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        if not r.get("losses"):
+            continue
+        main = {"arms": r["arms"]["distilled"], "winner_valid": r["valid"]["winners"]["distilled"]}
+        for loss, arm in [(r.get("loss", "rd") + " (main)", main), *r["losses"].items()]:
+            c = compare(r["arms"]["teacher"], r["arms"]["alone"], arm["arms"])
+            recovered = "no gap" if c["gap_recovered"] is None else f"{c['gap_recovered']:.1%}"
+            lines.append(f"| {r['student_dim']} | {loss} | {arm['winner_valid']:.4f} | "
+                         f"{_pm(c['mean']['distilled'], c['std']['distilled'])} | {c['gain']:+.4f} | {recovered} | "
+                         f"{'yes' if c['significant'] else 'no'} |")
     return "\n".join(lines)
 
 
@@ -125,7 +148,12 @@ def block(by_dataset: dict[str, list[dict[str, Any]]], results_dir: Path) -> str
         except ValueError:
             png = results_dir / f"{dataset}-frontier.png"
         frontier_intro = "\nThe compression frontier (every point tuned with the same budget):\n"
-        parts += [f"\n### {dataset}\n", dataset_table(results), frontier_intro, "\n".join(table),
+        parts += [f"\n### {dataset}\n", dataset_table(results)]
+        losses = losses_table(results)
+        if losses:
+            parts += ["\nDistillation losses, each its own distilled arm with the same budget (`study.losses`):\n",
+                      losses]
+        parts += [frontier_intro, "\n".join(table),
                   f"\n![{dataset} frontier]({png})\n", "Commands:\n"]
         parts += [f"    {r['command']}" for r in results if r.get("command")]
     parts.append(END)

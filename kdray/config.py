@@ -195,6 +195,10 @@ class StudyConfig:
     space: dict[Str, Any] = dataclasses.field(default_factory=dict)  # training key -> domain, over TRAIN_SPACE
     # distill.* key -> domain, over DISTILL_STUDY_SPACE
     distill_space: dict[Str, Any] = dataclasses.field(default_factory=dict)
+    # more distillation losses, each its own distilled arm with the same budget and space, against the same teacher
+    # and student alone (distill.loss is the main one); adding some to a finished study resumes it (--resume)
+    losses: Annotated[tuple[DistillLoss, ...], list_of(), rule(
+        lambda ls: len(set(ls)) == len(ls) and "none" not in ls, "must be distinct distillation losses, not 'none'")] = ()
     results_dir: Str = "benchmarks/results"
 
 

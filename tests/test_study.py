@@ -95,7 +95,10 @@ def test_every_arm_searches_the_same_training_space_over_its_own_section():
     (['study.space={"lr": {"loguniform": [0, 1]}}'], "loguniform needs a positive lower bound"),
     (["distill.loss=none", "distill.alpha=0"], "distill.loss: 'none' leaves the study's distilled arm"),
     (["study.seeds=[1, 1]"], "study.seeds: [1, 1] must be distinct"),
-], ids=["epochs", "not-distill", "grid", "bad-domain", "no-loss", "seeds"])
+    (["study.losses=[rd]"], "study.losses: 'rd' is distill.loss, the main distilled arm"),
+    (["study.losses=[none]"], "study.losses: ['none'] must be distinct distillation losses, not 'none'"),
+    (["study.losses=[bogus]"], "study.losses"),
+], ids=["epochs", "not-distill", "grid", "bad-domain", "no-loss", "seeds", "main-loss", "none-loss", "unknown-loss"])
 def test_bad_study_settings_are_refused_naming_the_key(extra, message, capsys):
     assert main(["study", *extra, "runs_dir=/nonexistent/never"]) == 2
     err = capsys.readouterr().err
@@ -149,8 +152,24 @@ def test_report_script_writes_the_tables_between_the_markers_and_the_frontier(tm
     assert bench.read_text() == again  # regenerating replaces the block, it does not add another
 
 
+def test_report_script_compares_the_losses_of_a_study_with_extra_losses(tmp_path):
+    report = _load_report_script()
+    results = tmp_path / "results"
+    results.mkdir()
+    r = _result(8, 400, [0.20, 0.22, 0.24], [0.26, 0.27, 0.28])
+    r.update(loss="rd", valid={"winners": {"distilled": 0.31}},
+             losses={"rrd": {"arms": [0.21, 0.22, 0.23], "winner_valid": 0.29}})
+    (results / "toy-d8.json").write_text(json.dumps(r))
+    bench = tmp_path / "BENCHMARKS.md"
+    assert report.main(["--results", str(results), "--benchmarks", str(bench)]) == 0
+    text = bench.read_text()
+    # rd: gain 0.05 of the gap 0.08; rrd: 0.22 - 0.22 = 0, within 2 x 0.02
+    assert "| 8 | rd (main) | 0.3100 | 0.2700 ± 0.0100 | +0.0500 | 62.5% | yes |" in text
+    assert "| 8 | rrd | 0.2900 | 0.2200 ± 0.0100 | +0.0000 | 0.0% | no |" in text
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# A tiny study end to end, then --resume on the finished study.
+# A tiny study end to end, then --resume on the finished study, then the same study with one more loss.
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +221,29 @@ def test_resuming_a_finished_study_trains_nothing_new(study, capsys):
     assert sorted(p.relative_to(run) for p in run.rglob("model.pt")) == before
     again = json.loads((study["tmp"] / "results" / "tiny-d4.json").read_text())
     assert again["arms"] == study["result"]["arms"] and again["winners"] == study["result"]["winners"]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_adding_a_loss_to_a_finished_study_trains_only_its_arm(study, capsys):
+    run = study["tmp"] / "runs" / "study-tiny-d4"
+    before = {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("model.pt")}
+    capsys.readouterr()
+    assert main(["study", "--resume", *study["args"], "study.losses=[listwise]"]) == 0
+    out = capsys.readouterr().out
+    after = {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("model.pt")}
+    assert all(after[p] == t for p, t in before.items())  # the three arms' models are reused, not retrained
+    new = {p for p in after if p not in before}
+    assert {p for p in new if p.parts[0].startswith("seed-")} == {
+        Path(f"seed-{s}/student-listwise/model.pt") for s in (0, 1, 2)}
+    r = json.loads((study["tmp"] / "results" / "tiny-d4.json").read_text())
+    assert r["arms"] == study["result"]["arms"] and r["loss"] == "rd"
+    lw = r["losses"]["listwise"]
+    assert lw["arm"] == "distilled-listwise" and len(lw["arms"]) == 3 and set(lw["winner"]["params"]) == {
+        "student_train.lr", "distill.alpha"}
+    assert lw["summary"]["gain"] == pytest.approx(sum(lw["arms"]) / 3 - sum(r["arms"]["alone"]) / 3)
+    assert r["budget"]["trials"]["distilled-listwise"] == r["budget"]["trials"]["distilled"] == 1
+    assert "distilled with listwise" in out
+    from kdray.checkpoint import load_checkpoint
+
+    assert load_checkpoint(run / "seed-1" / "student-listwise").config["distill"]["loss"] == "listwise"

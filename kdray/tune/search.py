@@ -69,6 +69,7 @@ from kdray.tune.space import (
     arm_trials,
     base_point,
     check_budget,
+    distils,
     resolve_space,
     role_of,
     search_key,
@@ -144,7 +145,7 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], arm: str, data_dir: 
     cfg = trial_config(from_dict(base), params, arm)
     trial_id = tune.get_context().get_trial_id()
     role = role_of(arm)
-    used = [Path(t) for t in teachers] if arm == "distilled" else []
+    used = [Path(t) for t in teachers] if distils(arm) else []
     try:  # the stage key lets `kdray run` reuse a finished trial as its stage (the tuned teacher)
         train_model(cfg, role, load_prepared(Path(data_dir)), out_dir=Path(export_dir) / trial_id,
                     name=trial_id, teachers=used, storage_path=storage, stage_key=stage_key_of(cfg, role, used),

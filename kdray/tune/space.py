@@ -16,7 +16,8 @@ from kdray.errors import ConfigError
 ARMS = ("distilled", "alone")  # kdray tune's two arms; kdray study adds "teacher" (STUDY_ARMS)
 
 
-STUDY_ARMS = ("teacher", "alone", "distilled")  # the equal-budget study, in the order it runs them
+STUDY_ARMS = ("teacher", "alone", "distilled")  # the equal-budget study, in the order it runs them; study.losses
+# adds one distilled arm per extra loss, "distilled-<loss>" (loss_arm)
 
 
 DISTILL_PREFIX = "distill."  # every key of this section is a distillation setting: the control arm drops them
@@ -63,6 +64,16 @@ DISTILL_STUDY_SPACE: dict[str, dict[str, Any]] = {  # what the distilled arm add
 }
 TRAIN_KEYS = ("lr", "weight_decay", "embedding_l2", "batch_size", "hard_loss", "n_negatives")  # searchable in a
 # training space; epochs and patience are fixed per study (study.epochs, study.patience), the seed by the protocol
+
+
+def loss_arm(loss: str) -> str:
+    """The study's distilled arm for one of ``study.losses``."""
+    return f"distilled-{loss}"
+
+
+def distils(arm: str) -> bool:
+    """Whether an arm's students distil from the teacher (every student arm but the control)."""
+    return arm not in ("teacher", "alone")
 
 
 def role_of(arm: str) -> str:

@@ -6,7 +6,10 @@ distil from a teacher nobody tuned. ``kdray study`` gives three arms the same Ra
 * ``teacher``: the teacher, over ``teacher_train.*``;
 * ``alone``: the student without distillation, over ``student_train.*``;
 * ``distilled``: the student distilled from the teacher arm's winner, over ``student_train.*`` and the distillation
-  settings (``study.distill_space``).
+  settings (``study.distill_space``), with ``distill.loss``;
+* ``distilled-<loss>`` for each of ``study.losses``: the same distilled arm with another loss, so that losses are
+  compared with the same budget against the same teacher and student alone. Adding losses to a finished study
+  (``--resume``) trains only their arms.
 
 "The same budget" is the same number of trials (``study.num_samples``), the same scheduler (ASHA with
 ``tune.grace_period`` / ``tune.reduction_factor``), the same searcher and the same training space over each role's
@@ -50,6 +53,7 @@ from kdray.tune.space import (
     STUDY_ARMS,
     TRAIN_SPACE,
     arm_trials,
+    loss_arm,
     role_of,
     section_space,
     trial_config,
@@ -96,10 +100,23 @@ def study_config(cfg: Config) -> Config:
     if cfg.distill.loss == "none":
         raise ConfigError("distill.loss: 'none' leaves the study's distilled arm without a teacher; choose a "
                           "distillation loss (the alone arm is the study's control)")
+    if cfg.distill.loss in st.losses:
+        raise ConfigError(f"study.losses: {cfg.distill.loss!r} is distill.loss, the main distilled arm; list only "
+                          "other losses there")
+    for loss in st.losses:
+        loss_config(cfg, loss)
     return replace(cfg, name=f"study-{label_of(cfg)}-d{cfg.student.dim}", **{
         "tune.num_samples": st.num_samples, "distill.n_teachers": 1, "distill.teacher_weights": [],
         "teacher_train.epochs": st.epochs, "student_train.epochs": st.epochs,
         "teacher_train.patience": st.patience, "student_train.patience": st.patience})
+
+
+def loss_config(cfg: Config, loss: str) -> Config:
+    """The distilled arm's config with another loss (cached top-K feeds only ``rd``); ConfigError if it cannot be."""
+    try:
+        return replace(cfg, **{"distill.loss": loss, **({"distill.cached_topk": False} if loss != "rd" else {})})
+    except ConfigError as e:
+        raise ConfigError(f"study.losses: {loss!r} cannot be the distilled arm's loss here: {e}") from None
 
 
 def study_spaces(cfg: Config) -> dict[str, dict[str, dict[str, Any]]]:
@@ -190,40 +207,60 @@ def run_study(cfg: Config, resume: bool = False, log: Callable[[str], None] = pr
             raise KdrayError(f"the study's {arm} arm completed no trial; see {RunLayout(cfg.run_dir).tune_trials(arm)}")
         if arm == "teacher":  # the student arms distil from (and record) the tuned teacher
             base = trial_config(cfg, arms[arm].params, arm)
+    extra = {loss_arm(loss): loss for loss in cfg.study.losses}  # the same distilled arm, another loss
+    for arm, loss in extra.items():
+        arms[arm] = search_arm(loss_config(base, loss), arm, spaces["distilled"], data,
+                               [Path(arms["teacher"].winner["checkpoint"])], resume, log)
+        if arms[arm].winner is None:
+            raise KdrayError(f"the study's {arm} arm completed no trial; see {RunLayout(cfg.run_dir).tune_trials(arm)}")
+    all_arms = (*STUDY_ARMS, *extra)
 
     valid_key, test_key, recall_key = f"valid_{metric}", f"test_{metric}", f"test_recall@{cfg.eval.k}"
-    scores: dict[str, dict[str, list[float]]] = {k: {arm: [] for arm in STUDY_ARMS}
+    scores: dict[str, dict[str, list[float]]] = {k: {arm: [] for arm in all_arms}
                                                  for k in (test_key, recall_key, valid_key)}
     for seed in cfg.study.seeds:
         layout = RunLayout(cfg.run_dir / f"seed-{seed}")
-        configs = {arm: replace(trial_config(base, arms[arm].params, arm), **{f"{role_of(arm)}_train.seed": seed})
-                   for arm in STUDY_ARMS}
+        configs = {arm: replace(trial_config(loss_config(base, extra[arm]) if arm in extra else base,
+                                             arms[arm].params, arm), **{f"{role_of(arm)}_train.seed": seed})
+                   for arm in all_arms}
         teacher = _seed_model(configs["teacher"], "teacher", data, layout.teacher(0), [], arms["teacher"].winner, log)
         paths = {"teacher": teacher,
                  "alone": _seed_model(configs["alone"], "student", data, layout.student_alone, [],
                                       arms["alone"].winner, log),
                  "distilled": _seed_model(configs["distilled"], "student", data, layout.student, [teacher],
-                                          arms["distilled"].winner, log)}
+                                          arms["distilled"].winner, log),
+                 **{arm: _seed_model(configs[arm], "student", data, layout.root / f"student-{loss}", [teacher],
+                                     arms[arm].winner, log) for arm, loss in extra.items()}}
         for arm, path in paths.items():
             test = evaluate_checkpoint(path, data, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size, write=False)
             scores[test_key][arm].append(test[test_key])
             scores[recall_key][arm].append(test[recall_key])
             scores[valid_key][arm].append(load_checkpoint(path).metrics[valid_key])
-        log(f"[study] seed {seed}: test {metric} " + ", ".join(f"{a} {scores[test_key][a][-1]:.4f}" for a in STUDY_ARMS))
+        log(f"[study] seed {seed}: test {metric} " + ", ".join(f"{a} {scores[test_key][a][-1]:.4f}" for a in all_arms))
 
-    winners_valid = {arm: arms[arm].winner[valid_key] for arm in STUDY_ARMS}
+    winners_valid = {arm: arms[arm].winner[valid_key] for arm in all_arms}
+    main = {k: {arm: v[arm] for arm in STUDY_ARMS} for k, v in scores.items()}
     result = {
         "dataset": label_of(cfg), "metric": test_key, "student_dim": cfg.student.dim,
         "params": {"teacher": arms["teacher"].winner["n_params"], "student": arms["alone"].winner["n_params"]},
-        "arms": scores[test_key], "recall": {"metric": recall_key, "arms": scores[recall_key]},
-        "valid": {"metric": valid_key, "arms": scores[valid_key], "winners": winners_valid},
+        "loss": cfg.distill.loss,
+        "arms": main[test_key], "recall": {"metric": recall_key, "arms": main[recall_key]},
+        "valid": {"metric": valid_key, "arms": main[valid_key], "winners": {a: winners_valid[a] for a in STUDY_ARMS}},
         "seeds": list(cfg.study.seeds),
         "summary": compare(*(scores[test_key][a] for a in STUDY_ARMS)),
         "teacher_beats_alone_on_valid": winners_valid["teacher"] > winners_valid["alone"],
-        "budget": {"trials": {arm: arm_trials(cfg, spaces[arm], arm) for arm in STUDY_ARMS},
-                   "completed": {arm: sum(r["status"] == "completed" for r in arms[arm].rows) for arm in STUDY_ARMS},
+        # study.losses: each extra loss's distilled arm, against the same teacher and student alone
+        "losses": {loss: {"arm": arm, "arms": scores[test_key][arm], "recall": scores[recall_key][arm],
+                          "valid": scores[valid_key][arm], "winner_valid": winners_valid[arm],
+                          "winner": {"trial": arms[arm].winner["trial"], "params": arms[arm].params},
+                          "summary": compare(scores[test_key]["teacher"], scores[test_key]["alone"],
+                                             scores[test_key][arm])}
+                   for arm, loss in extra.items()},
+        "budget": {"trials": {arm: arm_trials(cfg, spaces["distilled" if arm in extra else arm],
+                                              "distilled" if arm in extra else arm) for arm in all_arms},
+                   "completed": {arm: sum(r["status"] == "completed" for r in arms[arm].rows) for arm in all_arms},
                    "stopped_early": {arm: sum(r["status"] == "stopped early" for r in arms[arm].rows)
-                                     for arm in STUDY_ARMS},
+                                     for arm in all_arms},
                    "scheduler": {"name": "ASHA", "grace_period": cfg.tune.grace_period,
                                  "reduction_factor": cfg.tune.reduction_factor, "max_t": cfg.study.epochs},
                    "searcher": cfg.tune.searcher, "max_concurrent_trials": cfg.tune.max_concurrent_trials,
@@ -242,15 +279,22 @@ def run_study(cfg: Config, resume: bool = False, log: Callable[[str], None] = pr
     return result
 
 
+def _gain_line(what: str, s: dict[str, Any]) -> str:
+    recovered = "no gap to recover" if s["gap_recovered"] is None else f"{s['gap_recovered']:.0%} of the gap"
+    return (f"{what} {s['gain']:+.4f}, {recovered}; {'exceeds' if s['significant'] else 'does not exceed'} 2x the "
+            f"larger seed std ({s['threshold_2x_std']:.4f})")
+
+
 def verdict(result: dict[str, Any]) -> list[str]:
     """The study's outcome in plain sentences (console and report)."""
     s, metric = result["summary"], result["metric"]
     lines = [f"{arm}: {metric} {s['mean'][arm]:.4f} ± {s['std'][arm]:.4f} over {len(result['arms'][arm])} seeds"
              for arm in STUDY_ARMS]
-    recovered = "no gap to recover" if s["gap_recovered"] is None else f"{s['gap_recovered']:.0%} of the gap"
-    lines.append(f"gain (distilled - alone) {s['gain']:+.4f}, {recovered}; "
-                 f"{'exceeds' if s['significant'] else 'does not exceed'} 2x the larger seed std "
-                 f"({s['threshold_2x_std']:.4f})")
+    lines.append(_gain_line(f"gain (distilled with {result.get('loss', 'the configured loss')} - alone)", s))
+    for loss, r in result.get("losses", {}).items():
+        ls = r["summary"]
+        lines.append(f"distilled with {loss}: {metric} {ls['mean']['distilled']:.4f} ± {ls['std']['distilled']:.4f}; "
+                     + _gain_line("gain", ls))
     v = result["valid"]["winners"]
     if not result["teacher_beats_alone_on_valid"]:
         lines.append(f"the tuned teacher does NOT beat the tuned student alone on validation ({v['teacher']:.4f} vs "
