@@ -4,6 +4,7 @@
     python benchmarks/serve_ingress.py                                 # built-in-size catalog, student + teacher
     python benchmarks/serve_ingress.py --catalogs builtin gowalla --requests 2000
     python benchmarks/serve_ingress.py --smoke-test                    # tiny catalog, few requests
+    python benchmarks/serve_ingress.py --from-json A.json [B.json ...]  # the tables of earlier runs, again
 
 Per catalog and model (student MF-16, teacher MF-256; untrained checkpoints of the real shapes, written by
 ``serve_load.py``), per path: ``POST /recommend`` for random known users, k=10, from 1 and 8 client threads
@@ -161,6 +162,27 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def targets(rows: list[dict[str, Any]], default: str = "haproxy") -> list[str]:
+    """The serving targets, in sentences: ``default`` against the bare app (throughput at the most clients, p50 at
+    one client) per catalog and model, and the student/teacher throughput ratio per catalog and path."""
+    by = {(r["catalog"], r["model"], r["path"]): r["levels"] for r in rows}
+    lines = []
+    for (cat, model, path), levels in by.items():
+        bare = by.get((cat, model, "bare"))
+        if path == default and bare:
+            lines.append(f"{cat} {model}: {default} {levels[-1]['throughput_rps'] / bare[-1]['throughput_rps']:.2f}x "
+                         f"the bare app's throughput at {levels[-1]['concurrency']} clients; one-client p50 "
+                         f"{levels[0]['p50_ms'] - bare[0]['p50_ms']:+.2f} ms over it "
+                         f"({levels[0]['p50_ms']:.2f} vs {bare[0]['p50_ms']:.2f})")
+    for (cat, model, path), levels in by.items():
+        teacher = by.get((cat, model.replace("student mf-16", "teacher mf-256"), path))
+        if model.startswith("student") and teacher:
+            ratio = levels[-1]["throughput_rps"] / teacher[-1]["throughput_rps"]
+            lines.append(f"{cat} {path}: student/teacher throughput {ratio:.2f}x at "
+                         f"{levels[-1]['concurrency']} clients")
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=1500, help="requests per concurrency level")
@@ -170,7 +192,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "runs" / "benchmarks" / "serve_ingress.json")
     p.add_argument("--data", type=Path, default=SL.DATA, help="folder holding gowalla/train.txt")
     p.add_argument("--smoke-test", action="store_true")
+    p.add_argument("--from-json", type=Path, nargs="+", help="print the tables of earlier runs and exit")
     args = p.parse_args(argv)
+    if args.from_json:
+        for path in args.from_json:
+            run = json.loads(path.read_text())
+            print(f"{path}: {run['meta']['command']}\n\n{markdown(run['results'])}")
+            print("\n".join(f"- {line}" for line in targets(run["results"])) + "\n")
+        return 0
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if args.smoke_test:
         args.requests, args.concurrency = 60, [1, 4]
@@ -205,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
-    print(f"\n{markdown(rows)}\n{meta}")
+    print(f"\n{markdown(rows)}\n" + "\n".join(f"- {line}" for line in targets(rows)) + f"\n{meta}")
     return 0
 
 

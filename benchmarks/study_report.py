@@ -37,8 +37,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def load_results(results_dir: Path) -> dict[str, list[dict[str, Any]]]:
     """dataset -> its studies, smallest student first."""
     by_dataset: dict[str, list[dict[str, Any]]] = {}
-    for path in sorted(results_dir.glob("*.json")):
+    for path in sorted(results_dir.glob("*-d*.json")):
         result = json.loads(path.read_text())
+        if not {"dataset", "student_dim", "arms"} <= result.keys():  # another benchmark's results
+            continue
         by_dataset.setdefault(result["dataset"], []).append(result)
     return {d: sorted(rs, key=lambda r: r["student_dim"]) for d, rs in sorted(by_dataset.items())}
 
