@@ -14,8 +14,9 @@ Every command takes ``--address`` (or ``RAY_ADDRESS``) to run on an existing Ray
 is started. User mistakes (bad config, missing files, mismatched checkpoints) print one line naming the problem and
 exit with status 2, before any Ray worker starts. Options and ``key=value`` overrides mix in any order.
 
-``run``, ``teacher`` and ``distill`` print kdray's lines only (stages, epochs, the table); what Ray prints goes to
-RUN/logs/ray.log, or to the console with ``--verbose`` (kdray.console).
+``run``, ``teacher``, ``distill``, ``tune`` and ``study`` print kdray's lines only (stages, epochs, trials, the tables);
+what Ray (and Ray Tune's progress table) prints goes to RUN/logs/ray.log, or to the console with ``--verbose``
+(kdray.console). ``serve`` sends Ray's log lines to RUN/logs/serve.log.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from kdray.errors import KdrayError
 from kdray.layout import RunLayout
@@ -55,10 +56,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p.add_argument("--out", help="where to export the student (default RUN/student)")
     p = sub.add_parser("eval", parents=[common], help="evaluate a checkpoint on the test split")
     p.add_argument("--checkpoint", required=True)
-    p = sub.add_parser("tune", parents=[common], help="Ray Tune search over distillation settings")
+    p = sub.add_parser("tune", parents=[common, quiet], help="Ray Tune search over distillation settings")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search")
-    p = sub.add_parser("study", parents=[common], help="equal-budget study: teacher, student alone and distilled "
-                       "student, each tuned with the same Ray Tune budget, winners retrained over seeds")
+    p = sub.add_parser("study", parents=[common, quiet], help="equal-budget study: teacher, student alone and "
+                       "distilled student, each tuned with the same Ray Tune budget, winners retrained over seeds")
     p.add_argument("--resume", action="store_true", help="continue an interrupted study")
     p = sub.add_parser("serve", parents=[common], help="serve a checkpoint behind an HTTP endpoint (Ray Serve)")
     p.add_argument("--checkpoint", required=True)
@@ -213,34 +214,33 @@ def run(argv: Sequence[str] | None = None) -> int:
         serve_checkpoint(ckpt, cfg.serve, blocking=args.blocking)
         return 0
 
-    teachers = [_require_dir(t, "teacher checkpoint") for t in getattr(args, "teacher", None) or []]
     if args.command == "tune":
         from kdray.tune.search import run_search
+        from kdray.tune.space import resolve_space, validate_space
 
-        init_ray(args.address)
-        run_search(cfg, resume=args.resume)
-        return 0
+        validate_space(cfg, resolve_space(cfg))  # a bad space is refused before anything is written
+        return _on_ray(args, cfg.run_dir, lambda console: run_search(cfg, resume=args.resume, log=console.log))
     if args.command == "study":
         import shlex
 
-        from kdray.tune.study import run_study
+        from kdray.tune.study import run_study, study_config, study_spaces
 
-        init_ray(args.address)
-        run_study(cfg, resume=args.resume, command=shlex.join(["kdray", *argv]))
-        return 0
-    return _train(args, cfg, teachers)
+        study_spaces(study_config(cfg))  # bad study settings are refused before anything is written
+        return _on_ray(args, study_config(cfg).run_dir, lambda console: run_study(
+            cfg, resume=args.resume, log=console.log, command=shlex.join(["kdray", *argv])))
+    teachers = [_require_dir(t, "teacher checkpoint") for t in getattr(args, "teacher", None) or []]
+    return _on_ray(args, cfg.run_dir, lambda console: _train(args, cfg, teachers, console))
 
 
-def _train(args: argparse.Namespace, cfg: Config, teachers: list[Path]) -> int:
-    """``run``, ``teacher`` and ``distill``: kdray's own lines on the console, and everything Ray prints in
-    RUN/logs/ray.log unless ``--verbose`` (kdray.console)."""
+def _on_ray(args: argparse.Namespace, run_dir: Path, work: Callable[[Any], object]) -> int:
+    """Runs ``work(console)`` on Ray with kdray's own lines on the console and everything Ray prints in
+    RUN/logs/ray.log, unless ``--verbose`` (kdray.console). Shuts down a Ray it started."""
     import ray
 
     from kdray.console import Console, ray_output_to
-    from kdray.pipeline import prepare_data, run_pipeline, train_stage, train_teachers, write_resolved_config
 
     console = Console(verbose=args.verbose)
-    ray_log = None if args.verbose else RunLayout(cfg.run_dir).ray_log
+    ray_log = None if args.verbose else RunLayout(run_dir).ray_log
     if ray_log is not None:
         console.log(f"[ray] Ray's own logs: {ray_log} (--verbose shows them here)")
     started = not ray.is_initialized()
@@ -248,23 +248,30 @@ def _train(args: argparse.Namespace, cfg: Config, teachers: list[Path]) -> int:
         with ray_output_to(ray_log):
             try:
                 init_ray(args.address)
-                if args.command == "run":
-                    run_pipeline(cfg, log=console.log, on_epoch=console.epoch)
-                elif args.command == "teacher":
-                    write_resolved_config(cfg)
-                    for path in train_teachers(cfg, prepare_data(cfg), console.log, console.epoch):
-                        console.log(f"teacher checkpoint: {path}")
-                elif args.command == "distill":
-                    write_resolved_config(cfg)
-                    out = Path(args.out) if args.out else RunLayout(cfg.run_dir).student
-                    path = train_stage(cfg, "student", prepare_data(cfg), out, teachers, console.log, console.epoch)
-                    console.log(f"student checkpoint: {path}")
+                work(console)
             finally:
                 if started and ray.is_initialized():  # while Ray's last lines still go to the log
                     ray.shutdown()
     finally:
         console.close()
     return 0
+
+
+def _train(args: argparse.Namespace, cfg: Config, teachers: list[Path], console: Any) -> None:
+    """``run``, ``teacher`` and ``distill``."""
+    from kdray.pipeline import prepare_data, run_pipeline, train_stage, train_teachers, write_resolved_config
+
+    if args.command == "run":
+        run_pipeline(cfg, log=console.log, on_epoch=console.epoch)
+    elif args.command == "teacher":
+        write_resolved_config(cfg)
+        for path in train_teachers(cfg, prepare_data(cfg), console.log, console.epoch):
+            console.log(f"teacher checkpoint: {path}")
+    elif args.command == "distill":
+        write_resolved_config(cfg)
+        out = Path(args.out) if args.out else RunLayout(cfg.run_dir).student
+        path = train_stage(cfg, "student", prepare_data(cfg), out, teachers, console.log, console.epoch)
+        console.log(f"student checkpoint: {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -99,10 +99,11 @@ def test_every_arm_searches_the_same_training_space_over_its_own_section():
     (["study.losses=[none]"], "study.losses: ['none'] must be distinct distillation losses, not 'none'"),
     (["study.losses=[bogus]"], "study.losses"),
 ], ids=["epochs", "not-distill", "grid", "bad-domain", "no-loss", "seeds", "main-loss", "none-loss", "unknown-loss"])
-def test_bad_study_settings_are_refused_naming_the_key(extra, message, capsys):
-    assert main(["study", *extra, "runs_dir=/nonexistent/never"]) == 2
+def test_bad_study_settings_are_refused_naming_the_key(extra, message, capsys, tmp_path):
+    assert main(["study", *extra, f"runs_dir={tmp_path / 'runs'}"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -198,6 +199,7 @@ def test_a_tiny_study_writes_every_field_for_three_arms_and_three_seeds(study):
     assert r["summary"]["gain"] == pytest.approx(sum(r["arms"]["distilled"]) / 3 - sum(r["arms"]["alone"]) / 3)
     assert isinstance(r["teacher_beats_alone_on_valid"], bool)
     run = study["tmp"] / "runs" / "study-tiny-d4"
+    assert "Trial status" in (run / "logs" / "ray.log").read_text()  # Tune's progress table, not on the console
     from kdray.checkpoint import load_checkpoint
 
     for seed in (0, 1, 2):  # the distilled student of seed s distils from the teacher of seed s
@@ -218,6 +220,7 @@ def test_resuming_a_finished_study_trains_nothing_new(study, capsys):
     assert main(["study", "--resume", *study["args"]]) == 0
     out = capsys.readouterr().out
     assert "training on Ray Train" not in out and out.count("reusing") == 9
+    assert "Trial status" not in out and "[ray] Ray's own logs" in out
     assert sorted(p.relative_to(run) for p in run.rglob("model.pt")) == before
     again = json.loads((study["tmp"] / "results" / "tiny-d4.json").read_text())
     assert again["arms"] == study["result"]["arms"] and again["winners"] == study["result"]["winners"]
