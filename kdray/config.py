@@ -72,6 +72,10 @@ class DataConfig:
     seed: Int = 0
 
 
+# the distillation losses that read only the teacher's top-K order, so distill.cached_topk can feed them
+# (kdray.distill.losses.TOP_K_ORDER_LOSSES; repeated here so that loading a config needs no torch)
+TOP_K_ORDER_LOSSES = ("rd", "rrd")
+
 SEPARATOR_NAMES = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "pipe": "|", "space": " "}
 
 
@@ -331,8 +335,9 @@ class Config:
                f"distill.teacher_weights: {len(dist.teacher_weights)} weights for {dist.n_teachers} teachers")
         _check(not (dist.loss == "none" and dist.alpha > 0),
                "distill.alpha: must be 0 when distill.loss is 'none' (the student then trains alone)")
-        _check(not dist.cached_topk or dist.loss == "rd",
-               f"distill.cached_topk: only ranking distillation (distill.loss='rd') reads cached top-K, not {dist.loss!r}")
+        _check(not dist.cached_topk or dist.loss in TOP_K_ORDER_LOSSES,
+               "distill.cached_topk: only the losses that read the teacher's top-K order "
+               f"({', '.join(TOP_K_ORDER_LOSSES)}) can use a cached top-K, not {dist.loss!r}")
         _check(not dist.cached_topk or dist.mask_seen,
                "distill.cached_topk: the cached top-K holds unobserved items only, so it needs distill.mask_seen=true "
                "(got distill.mask_seen=false)")

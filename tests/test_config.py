@@ -162,6 +162,12 @@ def test_cached_topk_needs_mask_seen():
     assert load_config(None, ["distill.cached_topk=true"]).distill.mask_seen is True
 
 
+def test_cached_topk_feeds_only_the_losses_that_read_the_top_k_order():
+    assert load_config(None, ["distill.cached_topk=true", "distill.loss=rrd"]).distill.loss == "rrd"
+    with pytest.raises(ConfigError, match=r"distill.cached_topk: .*\(rd, rrd\).* not 'listwise'"):
+        load_config(None, ["distill.cached_topk=true", "distill.loss=listwise"])
+
+
 @pytest.mark.parametrize("override, message", [
     ("student_train.lr=true", "student_train.lr: expected a number, got True"),
     ("student_train.lr=.inf", "student_train.lr: expected a finite number, got inf"),

@@ -530,3 +530,23 @@ def test_bad_arguments_name_the_argument(call, argument):
 def test_module_exports():
     assert DISTILL_LOSSES == ("kl", "mse", "rd", "soft_bce", "rrd", "listwise")
     assert all(hasattr(losses, name) for name in losses.__all__)
+
+
+@pytest.mark.parametrize("kind", losses.TOP_K_ORDER_LOSSES)
+def test_top_k_order_losses_give_the_same_value_from_a_cached_top_k(kind):
+    # distill.cached_topk keeps the teacher's top-K unobserved items with their logits and fills the rest
+    # (kdray.train.objective.cached_teacher_logits): the losses that read only that order must not notice
+    from kdray.config import TOP_K_ORDER_LOSSES
+    from kdray.distill.common import teacher_top_k
+    from kdray.train.objective import CACHED_FILL
+
+    assert TOP_K_ORDER_LOSSES == losses.TOP_K_ORDER_LOSSES  # the config's copy of the list
+    gen = torch.Generator().manual_seed(3)
+    student, teacher = torch.randn(4, 12, generator=gen), torch.randn(4, 12, generator=gen)
+    mask = torch.rand(4, 12, generator=gen) < 0.3
+    top, valid = teacher_top_k(teacher, 5, mask)
+    cached = torch.full_like(teacher, CACHED_FILL).scatter_(1, top, teacher.gather(1, top))
+    assert valid.all()
+    full = losses.distill_loss(kind, student, [teacher], None, temperature=1.0, k=5, mask=mask)
+    from_cache = losses.distill_loss(kind, student, [cached], None, temperature=1.0, k=5, mask=mask)
+    assert from_cache.item() == pytest.approx(full.item(), rel=1e-6)

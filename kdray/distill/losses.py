@@ -26,10 +26,14 @@ from kdray.distill.common import check_k, check_pair, check_temperature, masked_
 from kdray.distill.ranking import ranking_distill, relaxed_ranking_distill
 
 DISTILL_LOSSES = ("kl", "mse", "rd", "soft_bce", "rrd", "listwise")
+# The losses that read only the order of the teacher's top-K (and the mask): they can distil from a cached top-K
+# (distill.cached_topk), which keeps the top-K items' logits and nothing else. kdray.config repeats this list.
+TOP_K_ORDER_LOSSES = ("rd", "rrd")
 
 
 __all__ = [
     "DISTILL_LOSSES",
+    "TOP_K_ORDER_LOSSES",
     "bce",
     "bpr",
     "distill_loss",

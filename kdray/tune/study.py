@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from kdray.checkpoint import load_checkpoint, stage_key
-from kdray.config import Config, fingerprint, replace, to_dict
+from kdray.config import TOP_K_ORDER_LOSSES, Config, fingerprint, replace, to_dict
 from kdray.errors import ConfigError, KdrayError
 from kdray.layout import RunLayout, atomic_replace_dir, atomic_write_text
 from kdray.tune.space import (
@@ -112,9 +112,11 @@ def study_config(cfg: Config) -> Config:
 
 
 def loss_config(cfg: Config, loss: str) -> Config:
-    """The distilled arm's config with another loss (cached top-K feeds only ``rd``); ConfigError if it cannot be."""
+    """The distilled arm's config with another loss (a cached top-K only where the loss can read it); ConfigError if
+    it cannot be."""
+    cached = {} if loss in TOP_K_ORDER_LOSSES else {"distill.cached_topk": False}
     try:
-        return replace(cfg, **{"distill.loss": loss, **({"distill.cached_topk": False} if loss != "rd" else {})})
+        return replace(cfg, **{"distill.loss": loss, **cached})
     except ConfigError as e:
         raise ConfigError(f"study.losses: {loss!r} cannot be the distilled arm's loss here: {e}") from None
 
