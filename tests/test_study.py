@@ -95,7 +95,7 @@ def test_every_arm_searches_the_same_training_space_over_its_own_section():
     (['study.space={"lr": {"loguniform": [0, 1]}}'], "loguniform needs a positive lower bound"),
     (["distill.loss=none", "distill.alpha=0"], "distill.loss: 'none' leaves the study's distilled arm"),
     (["study.seeds=[1, 1]"], "study.seeds: [1, 1] must be distinct"),
-    (["study.losses=[rd]"], "study.losses: 'rd' is distill.loss, the main distilled arm"),
+    (["study.losses=[rrd]"], "study.losses: 'rrd' is distill.loss, the main distilled arm"),
     (["study.losses=[none]"], "study.losses: ['none'] must be distinct distillation losses, not 'none'"),
     (["study.losses=[bogus]"], "study.losses"),
 ], ids=["epochs", "not-distill", "grid", "bad-domain", "no-loss", "seeds", "main-loss", "none-loss", "unknown-loss"])
@@ -240,7 +240,7 @@ def test_adding_a_loss_to_a_finished_study_trains_only_its_arm(study, capsys):
     assert {p for p in new if p.parts[0].startswith("seed-")} == {
         Path(f"seed-{s}/student-listwise/model.pt") for s in (0, 1, 2)}
     r = json.loads((study["tmp"] / "results" / "tiny-d4.json").read_text())
-    assert r["arms"] == study["result"]["arms"] and r["loss"] == "rd"
+    assert r["arms"] == study["result"]["arms"] and r["loss"] == "rrd"
     lw = r["losses"]["listwise"]
     assert lw["arm"] == "distilled-listwise" and len(lw["arms"]) == 3 and set(lw["winner"]["params"]) == {
         "student_train.lr", "distill.alpha"}

@@ -91,7 +91,7 @@ def test_each_arm_starts_from_the_configured_settings_when_they_lie_in_its_space
     cfg = load_config(None)  # the defaults: what `kdray run` trains
     space = resolve_space(cfg)
     first = base_point(cfg, space, "distilled")
-    assert first == {"distill.temperature": 1.0, "distill.alpha": 0.7, "distill.loss": "rd",
+    assert first == {"distill.temperature": 1.0, "distill.alpha": 0.7, "distill.loss": "rrd",
                      "distill.init_from_teacher": True, "student.dim": 16, "student_train.lr": 0.01,
                      "student_train.weight_decay": 0.0, "student_train.batch_size": 256}
     assert base_point(cfg, space, "alone") == {k: v for k, v in first.items() if not k.startswith("distill.")}

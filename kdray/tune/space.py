@@ -32,7 +32,7 @@ FIXED_KEYS = ("distill.n_teachers", "distill.teacher_weights")  # the teachers a
 DEFAULT_SPACE: dict[str, dict[str, Any]] = {
     "distill.temperature": {"loguniform": [0.5, 4.0]},
     "distill.alpha": {"uniform": [0.1, 0.9]},
-    "distill.loss": {"choice": ["kl", "mse", "rd", "soft_bce"]},
+    "distill.loss": {"choice": ["kl", "mse", "rd", "rrd", "listwise", "soft_bce"]},
     "distill.init_from_teacher": {"choice": [False, True]},
     "student.dim": {"choice": [4, 8, 16]},  # all within tune.max_params_ratio=0.1 of the default 256-d teacher
     "student_train.lr": {"loguniform": [1e-3, 3e-2]},
