@@ -92,11 +92,13 @@ def losses_table(results: list[dict[str, Any]]) -> str | None:
 
 
 def frontier_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The frontier's points: each study's teacher (one per study: each tuned its own), alone and distilled."""
+    """The frontier's points: each study's teacher (one per study: each tuned its own), alone and distilled with
+    its main loss, and distilled with each of its extra losses (``distilled-<loss>``)."""
     rows = []
     for r in results:
-        for arm in ("teacher", "alone", "distilled"):
-            values = r["arms"][arm]
+        arms = {arm: r["arms"][arm] for arm in ("teacher", "alone", "distilled")}
+        arms.update({f"distilled-{loss}": extra["arms"] for loss, extra in r.get("losses", {}).items()})
+        for arm, values in arms.items():
             mean = sum(values) / len(values)
             std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
             rows.append({"arm": arm, "student_dim": r["student_dim"],
@@ -112,13 +114,17 @@ def frontier_plot(dataset: str, results: list[dict[str, Any]], path: Path) -> No
 
     rows = frontier_rows(results)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for arm, style, label in (("alone", "s-", "student alone (tuned)"), ("distilled", "o-", "distilled student (tuned)"),
-                              ("teacher", "*", "teacher (tuned)")):
+    main_loss = results[0].get("loss", "rd")
+    extra = sorted({r["arm"] for r in rows} - {"teacher", "alone", "distilled"})
+    lines = [("alone", "s-", "student alone (tuned)"), ("distilled", "o-", f"distilled, {main_loss} (tuned)"),
+             *((arm, "^-", f"distilled, {arm.split('-', 1)[1]} (tuned)") for arm in extra),
+             ("teacher", "*", "teacher (tuned)")]
+    for arm, style, label in lines:
         pts = sorted((r["params"], r["mean"], r["std"]) for r in rows if r["arm"] == arm)
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt=style, capsize=3,
                     markersize=12 if arm == "teacher" else 6, label=label)
     for r in rows:
-        if r["arm"] == "distilled":
+        if r["arm"] == "alone":
             ax.annotate(f"d={r['student_dim']}", (r["params"], r["mean"]), textcoords="offset points", xytext=(4, 4),
                         fontsize=8)
     ax.set_xscale("log")
