@@ -153,13 +153,6 @@ def _ray_logs_to_file(path: Path) -> None:
         logger.propagate = False
 
 
-def _require_dir(path: str, what: str) -> Path:
-    p = Path(path)
-    if not p.is_dir():
-        raise KdrayError(f"{what} {p} does not exist")
-    return p
-
-
 def run(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
