@@ -135,24 +135,6 @@ def _serve_checkpoint_dir(path: str, run_dir: Path) -> Path:
     raise KdrayError(f"checkpoint directory {p} does not exist; {hint}")
 
 
-def _ray_logs_to_file(path: Path) -> None:
-    """Ray's driver-side log lines (start-up, Serve's controller messages) go to ``path`` instead of the console,
-    which keeps only kdray's own lines."""
-    import logging
-
-    import ray.serve  # noqa: F401  (configures Serve's driver logger, which is replaced here)
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in ("ray", "ray.serve"):
-        logger = logging.getLogger(name)
-        for old in list(logger.handlers):
-            logger.removeHandler(old)
-        logger.addHandler(handler)
-        logger.propagate = False
-
-
 def run(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -192,18 +174,19 @@ def run(argv: Sequence[str] | None = None) -> int:
             print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
         return 0
     if args.command == "serve":
+        from kdray.console import ray_loggers_to_file
         from kdray.serve.app import check_checkpoint, serve_checkpoint
         from kdray.serve.ingress import ingress_env
 
         ckpt = check_checkpoint(_serve_checkpoint_dir(args.checkpoint, cfg.run_dir))  # before Ray starts
         if not args.verbose:
             log = cfg.run_dir / "logs" / "serve.log"
-            _ray_logs_to_file(log)
+            ray_loggers_to_file(log)
             print(f"kdray: Ray's log lines go to {log} (--verbose shows them here)", flush=True)
         ingress_env(cfg.serve)  # a missing HAProxy binary too, before Ray starts
         init_ray(args.address, log_to_driver=args.verbose)
         if not args.verbose:
-            _ray_logs_to_file(cfg.run_dir / "logs" / "serve.log")  # ray.init may have added its console handler
+            ray_loggers_to_file(cfg.run_dir / "logs" / "serve.log")  # ray.init may have added its console handler
         serve_checkpoint(ckpt, cfg.serve, blocking=args.blocking)
         return 0
 

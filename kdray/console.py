@@ -1,4 +1,5 @@
-"""What ``kdray run`` (and ``teacher``, ``distill``) shows on the console, and where Ray's own output goes.
+"""What ``kdray run`` (and ``teacher``, ``distill``, ``tune``, ``study``) shows on the console, and where Ray's own
+output goes (``kdray serve``, which runs until interrupted, moves Ray's loggers instead: :func:`ray_loggers_to_file`).
 
 The console gets kdray's lines only: each stage as it starts, one line per epoch (on a terminal, one tqdm progress
 bar per stage instead), and the final table. Everything else this process prints while Ray runs goes to
@@ -126,3 +127,22 @@ def ray_output_to(log_file: Path | None) -> Iterator[None]:
             for fd in saved:
                 os.close(fd)
             ctx.enable_progress_bars = progress_bars
+
+
+def ray_loggers_to_file(path: Path) -> None:
+    """Ray's driver-side log lines (start-up, Serve's controller messages) go to ``path`` instead of the console,
+    which keeps only kdray's own lines: ``kdray serve``'s way. It runs until interrupted and prints its own lines
+    with ``print``, so it moves Ray's Python loggers rather than the process's output (:func:`ray_output_to`)."""
+    import logging
+
+    import ray.serve  # noqa: F401  (configures Serve's driver logger, which is replaced here)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("ray", "ray.serve"):
+        logger = logging.getLogger(name)
+        for old in list(logger.handlers):
+            logger.removeHandler(old)
+        logger.addHandler(handler)
+        logger.propagate = False
