@@ -221,6 +221,7 @@ def test_resuming_a_finished_study_trains_nothing_new(study, capsys):
     out = capsys.readouterr().out
     assert "training on Ray Train" not in out and out.count("reusing") == 9
     assert "Trial status" not in out and "[ray] Ray's own logs" in out
+    assert "[study] distilled: 1 trials (1 completed, 0 stopped early by ASHA); winner " in out
     assert sorted(p.relative_to(run) for p in run.rglob("model.pt")) == before
     again = json.loads((study["tmp"] / "results" / "tiny-d4.json").read_text())
     assert again["arms"] == study["result"]["arms"] and again["winners"] == study["result"]["winners"]

@@ -59,7 +59,7 @@ from kdray.tune.space import (
     trial_config,
     validate_space,
 )
-from kdray.tune.teacher import ArmResult, search_arm
+from kdray.tune.teacher import ArmResult, search_arm, settings_text
 
 # ----------------------------------------------------------------------------------------------------------------
 # The arithmetic of the claim (pure: pinned by hand-computed values in the tests).
@@ -169,6 +169,15 @@ def _check_state(cfg: Config, spaces: dict[str, Any], resume: bool) -> None:
 # The study.
 
 
+def _arm_line(arm: str, result: ArmResult, metric: str) -> str:
+    """What one finished search gave, for the console."""
+    rows, w = result.rows, result.winner
+    done = sum(r["status"] == "completed" for r in rows)
+    stopped = sum(r["status"] == "stopped early" for r in rows)
+    return (f"[study] {arm}: {len(rows)} trials ({done} completed, {stopped} stopped early by ASHA); winner "
+            f"{w['trial']}, valid {metric} {w[f'valid_{metric}']:.4f} ({settings_text(result.params)})")
+
+
 def _seed_model(cfg: Config, role: str, data: Any, out_dir: Path, teachers: list[Path], winner: dict[str, Any],
                 log: Callable[[str], None]) -> Path:
     """One winner retrained with one seed, or reused: a finished stage with the same key, or the winning trial
@@ -207,6 +216,7 @@ def run_study(cfg: Config, resume: bool = False, log: Callable[[str], None] = pr
         arms[arm] = search_arm(base, arm, spaces[arm], data, teachers, resume, log)
         if arms[arm].winner is None:
             raise KdrayError(f"the study's {arm} arm completed no trial; see {RunLayout(cfg.run_dir).tune_trials(arm)}")
+        log(_arm_line(arm, arms[arm], metric))
         if arm == "teacher":  # the student arms distil from (and record) the tuned teacher
             base = trial_config(cfg, arms[arm].params, arm)
     extra = {loss_arm(loss): loss for loss in cfg.study.losses}  # the same distilled arm, another loss
@@ -215,6 +225,7 @@ def run_study(cfg: Config, resume: bool = False, log: Callable[[str], None] = pr
                                [Path(arms["teacher"].winner["checkpoint"])], resume, log)
         if arms[arm].winner is None:
             raise KdrayError(f"the study's {arm} arm completed no trial; see {RunLayout(cfg.run_dir).tune_trials(arm)}")
+        log(_arm_line(arm, arms[arm], metric))
     all_arms = (*STUDY_ARMS, *extra)
 
     valid_key, test_key, recall_key = f"valid_{metric}", f"test_{metric}", f"test_recall@{cfg.eval.k}"

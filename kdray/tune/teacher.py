@@ -83,7 +83,7 @@ def tuned_teacher(cfg: Config, data: Any, log: Callable[[str], None] = print) ->
     before = json.loads(record.read_text()) if record.is_file() else {}
     if before.get("key") == key:
         log(f"[teacher search] same settings as the recorded search: its winner of {before['trials']} trials "
-            f"({_settings(before['params'])})")
+            f"({settings_text(before['params'])})")
         return trial_config(cfg, before["params"], ARM)
     check_resources(cfg)
     search_cfg = replace(cfg, **{"tune.num_samples": cfg.teacher_search.num_samples})
@@ -100,12 +100,13 @@ def tuned_teacher(cfg: Config, data: Any, log: Callable[[str], None] = print) ->
     atomic_write_text(record, json.dumps({"key": key, "params": result.params, "trials": len(result.rows),
                                           "trial": result.winner["trial"], metric: result.winner[metric],
                                           "space": space}, indent=2) + "\n")
-    log(f"[teacher search] winner {result.winner['trial']}: {_settings(result.params)}, {metric} "
+    log(f"[teacher search] winner {result.winner['trial']}: {settings_text(result.params)}, {metric} "
         f"{result.winner[metric]:.4f}")
     return trial_config(cfg, result.params, ARM)
 
 
-def _settings(params: dict[str, Any]) -> str:
+def settings_text(params: dict[str, Any]) -> str:
+    """A search winner's settings for a console line: ``lr=0.01, weight_decay=1e-05`` (section prefixes dropped)."""
     return ", ".join(f"{k.split('.', 1)[1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.', 1)[1]}={v}"
                      for k, v in sorted(params.items()))
 
@@ -115,7 +116,7 @@ def tuning_labels(cfg: Config, n_teachers: int) -> dict[str, str]:
     record = RunLayout(cfg.run_dir).tune / "teacher-search.json"
     if cfg.teacher_search.enabled and record.is_file():
         done = json.loads(record.read_text())
-        tuned = f"tuned: {done['trials']} trials ({_settings(done['params'])})"
+        tuned = f"tuned: {done['trials']} trials ({settings_text(done['params'])})"
         teachers = [tuned] + [f"the tuned settings, seed {cfg.teacher_train.seed + i}" for i in range(1, n_teachers)]
     else:
         teachers = ["configured settings, not tuned"] * n_teachers
