@@ -31,7 +31,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -117,9 +116,9 @@ def kdray_ready() -> str | None:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from kdray.serve.ingress import free_port
+
+    return free_port()  # outside the ephemeral range, so no client socket takes it before the head binds it
 
 
 def _ours(token: str) -> list[int]:

@@ -110,11 +110,9 @@ def _replica_port(first: int, version: str) -> int:
 
 
 def _port() -> int:
-    import socket
+    from kdray.serve.ingress import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def bench_serve(mode: str, ckpts: dict[tuple[str, str], Path], users: dict[str, list[str]],

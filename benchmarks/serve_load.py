@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -399,9 +398,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from kdray.serve.ingress import free_port
+
+    port = free_port()  # outside the ephemeral range, so no client socket takes it before Serve binds it
     # One 1-CPU replica (no autoscaling) so every level measures the same thing; the second core is left to the
     # HTTP proxy and the load generator, which share this machine.
     cfg = replace(ServeConfig(), port=port, min_replicas=1, max_replicas=1, batch_wait_timeout_s=args.batch_wait_s)

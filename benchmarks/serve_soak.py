@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import sys
 import tempfile
 import threading
@@ -58,9 +57,9 @@ def write_checkpoint(directory: Path, n_users: int = 2000, n_items: int = 5000, 
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from kdray.serve.ingress import free_port as pick
+
+    return pick()  # outside the ephemeral range, so no client socket takes it before the server binds it
 
 
 def replica_pids(deployment: str = "Recommender") -> dict[str, int]:

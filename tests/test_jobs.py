@@ -15,7 +15,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -158,9 +157,9 @@ def test_runtime_envs_are_valid_and_the_pip_one_matches_pyproject():
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from kdray.serve.ingress import free_port
+
+    return free_port()  # outside the ephemeral range, so no client socket takes it before the server binds it
 
 
 def _ours(marker: str) -> list[int]:

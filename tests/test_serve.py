@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
@@ -146,9 +145,9 @@ def test_missing_checkpoint_is_a_checkpoint_error(tmp_path):
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from kdray.serve.ingress import free_port
+
+    return free_port()  # outside the ephemeral range, so no client socket takes it before the server binds it
 
 
 @pytest.mark.ray

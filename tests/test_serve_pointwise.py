@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -94,9 +93,9 @@ def test_like_only_model_has_no_rating_and_ranking_checkpoint_is_refused(tmp_pat
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from kdray.serve.ingress import free_port
+
+    return free_port()  # outside the ephemeral range, so no client socket takes it before the server binds it
 
 
 @pytest.mark.ray

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import socket
 from typing import Any, Awaitable, Callable
 
@@ -47,10 +48,24 @@ _FREE_PORT_VARS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PO
                    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Where kdray picks ports for listeners it starts later (HAProxy's side ports; the tests' and benchmarks' endpoints):
+# above Ray's worker ports (10002-19999 by default) and below Serve's direct-ingress replica ports (30000 up) and
+# Linux's ephemeral range (32768 up). A port found free by binding port 0 lies in the ephemeral range, where every
+# outgoing connection (Ray's own, HTTP clients') takes its local port: one can take it in the seconds before the
+# listener binds it, and HAProxy then fails to start ("Address already in use"; seen once in the suite).
+PICK_PORTS = range(20000, 30000)
+
+
+def free_port(ports: range = PICK_PORTS, host: str = "127.0.0.1") -> int:
+    """A port of ``ports`` that nothing listens on now, chosen at random (two callers rarely pick the same one)."""
+    for port in random.sample(ports, min(len(ports), 500)):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise ConfigError(f"no free port in {ports.start}..{ports.stop - 1} on {host}")
 
 
 def haproxy_binary() -> str:
@@ -82,7 +97,7 @@ def ingress_env(cfg: ServeConfig) -> dict[str, str]:
         # to it then fail with an empty or broken response. kdray's routes only read (recommend, predict), so
         # retrying them on another replica is safe; Ray's default retries connection failures only.
         env["RAY_SERVE_HAPROXY_RETRY_ON"] = "conn-failure empty-response junk-response 502 503"
-        env.update({var: str(_free_port()) for var in _FREE_PORT_VARS})
+        env.update({var: str(free_port()) for var in _FREE_PORT_VARS})
     return {**env, **{k: os.environ[k] for k in env if k in os.environ}}
 
 
