@@ -201,8 +201,9 @@ def run(argv: Sequence[str] | None = None) -> int:
 
         from kdray.tune.study import run_study, study_config, study_spaces
 
-        study_spaces(study_config(cfg))  # bad study settings are refused before anything is written
-        return _on_ray(args, study_config(cfg).run_dir, lambda console: run_study(
+        study_cfg = study_config(cfg)
+        study_spaces(study_cfg)  # bad study settings are refused before anything is written
+        return _on_ray(args, study_cfg.run_dir, lambda console: run_study(
             cfg, resume=args.resume, log=console.log, command=shlex.join(["kdray", *argv])))
     teachers = [_require_dir(t, "teacher checkpoint") for t in getattr(args, "teacher", None) or []]
     return _on_ray(args, cfg.run_dir, lambda console: _train(args, cfg, teachers, console))

@@ -14,6 +14,7 @@ from kdray.checkpoint import Vocab, save_checkpoint
 from kdray.config import ServeConfig
 from kdray.errors import CheckpointError, ConfigError
 from kdray.models import build_model
+from kdray.serve.ingress import free_port as _free_port  # outside the ephemeral range
 from kdray.serve.predictor import Query, Recommender, RequestError, checkpoint_version
 from kdray.sparse import Csr
 
@@ -142,12 +143,6 @@ def test_missing_checkpoint_is_a_checkpoint_error(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Serve, on the shared local cluster
-
-
-def _free_port() -> int:
-    from kdray.serve.ingress import free_port
-
-    return free_port()  # outside the ephemeral range, so no client socket takes it before the server binds it
 
 
 @pytest.mark.ray

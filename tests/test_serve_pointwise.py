@@ -14,6 +14,7 @@ from kdray.data.features import to_batch
 from kdray.data.pointwise_data import FeatureSpec
 from kdray.errors import CheckpointError
 from kdray.models.pointwise import build_pointwise_model
+from kdray.serve.ingress import free_port as _free_port  # outside the ephemeral range
 from kdray.serve.pointwise import PointwisePredictor
 from kdray.serve.predictor import RequestError
 
@@ -90,12 +91,6 @@ def test_like_only_model_has_no_rating_and_ranking_checkpoint_is_refused(tmp_pat
     ckpt.features = None
     with pytest.raises(CheckpointError, match="ranking checkpoint"):
         PointwisePredictor(ckpt, version="x")
-
-
-def _free_port() -> int:
-    from kdray.serve.ingress import free_port
-
-    return free_port()  # outside the ephemeral range, so no client socket takes it before the server binds it
 
 
 @pytest.mark.ray

@@ -53,6 +53,7 @@ from kdray.tune.space import (
     STUDY_ARMS,
     TRAIN_SPACE,
     arm_trials,
+    distils,
     loss_arm,
     role_of,
     section_space,
@@ -169,13 +170,16 @@ def _check_state(cfg: Config, spaces: dict[str, Any], resume: bool) -> None:
 # The study.
 
 
+def _count(result: ArmResult, status: str) -> int:
+    return sum(r["status"] == status for r in result.rows)
+
+
 def _arm_line(arm: str, result: ArmResult, metric: str) -> str:
     """What one finished search gave, for the console."""
-    rows, w = result.rows, result.winner
-    done = sum(r["status"] == "completed" for r in rows)
-    stopped = sum(r["status"] == "stopped early" for r in rows)
-    return (f"[study] {arm}: {len(rows)} trials ({done} completed, {stopped} stopped early by ASHA); winner "
-            f"{w['trial']}, valid {metric} {w[f'valid_{metric}']:.4f} ({settings_text(result.params)})")
+    w = result.winner
+    return (f"[study] {arm}: {len(result.rows)} trials ({_count(result, 'completed')} completed, "
+            f"{_count(result, 'stopped early')} stopped early by ASHA); winner {w['trial']}, valid {metric} "
+            f"{w[f'valid_{metric}']:.4f} ({settings_text(result.params)})")
 
 
 def _seed_model(cfg: Config, role: str, data: Any, out_dir: Path, teachers: list[Path], winner: dict[str, Any],
@@ -209,41 +213,35 @@ def run_study(cfg: Config, resume: bool = False, log: Callable[[str], None] = pr
     _check_state(cfg, spaces, resume)
     write_resolved_config(cfg)
 
+    extra = {loss_arm(loss): loss for loss in cfg.study.losses}  # the same distilled arm, another loss
+    all_arms = (*STUDY_ARMS, *extra)
+    arm_spaces = {**spaces, **dict.fromkeys(extra, spaces["distilled"])}
     arms: dict[str, ArmResult] = {}
-    base = cfg
-    for arm in STUDY_ARMS:
-        teachers = [Path(arms["teacher"].winner["checkpoint"])] if arm == "distilled" else []
-        arms[arm] = search_arm(base, arm, spaces[arm], data, teachers, resume, log)
+    bases = {"teacher": cfg}  # each arm's base config; the student arms' once the teacher arm has a winner
+    for arm in all_arms:
+        teachers = [Path(arms["teacher"].winner["checkpoint"])] if distils(arm) else []
+        arms[arm] = search_arm(bases[arm], arm, arm_spaces[arm], data, teachers, resume, log)
         if arms[arm].winner is None:
             raise KdrayError(f"the study's {arm} arm completed no trial; see {RunLayout(cfg.run_dir).tune_trials(arm)}")
         log(_arm_line(arm, arms[arm], metric))
         if arm == "teacher":  # the student arms distil from (and record) the tuned teacher
             base = trial_config(cfg, arms[arm].params, arm)
-    extra = {loss_arm(loss): loss for loss in cfg.study.losses}  # the same distilled arm, another loss
-    for arm, loss in extra.items():
-        arms[arm] = search_arm(loss_config(base, loss), arm, spaces["distilled"], data,
-                               [Path(arms["teacher"].winner["checkpoint"])], resume, log)
-        if arms[arm].winner is None:
-            raise KdrayError(f"the study's {arm} arm completed no trial; see {RunLayout(cfg.run_dir).tune_trials(arm)}")
-        log(_arm_line(arm, arms[arm], metric))
-    all_arms = (*STUDY_ARMS, *extra)
+            bases.update({a: loss_config(base, extra[a]) if a in extra else base for a in all_arms[1:]})
 
     valid_key, test_key, recall_key = f"valid_{metric}", f"test_{metric}", f"test_recall@{cfg.eval.k}"
     scores: dict[str, dict[str, list[float]]] = {k: {arm: [] for arm in all_arms}
                                                  for k in (test_key, recall_key, valid_key)}
     for seed in cfg.study.seeds:
         layout = RunLayout(cfg.run_dir / f"seed-{seed}")
-        configs = {arm: replace(trial_config(loss_config(base, extra[arm]) if arm in extra else base,
-                                             arms[arm].params, arm), **{f"{role_of(arm)}_train.seed": seed})
-                   for arm in all_arms}
+        configs = {arm: replace(trial_config(bases[arm], arms[arm].params, arm),
+                                **{f"{role_of(arm)}_train.seed": seed}) for arm in all_arms}
         teacher = _seed_model(configs["teacher"], "teacher", data, layout.teacher(0), [], arms["teacher"].winner, log)
-        paths = {"teacher": teacher,
-                 "alone": _seed_model(configs["alone"], "student", data, layout.student_alone, [],
-                                      arms["alone"].winner, log),
-                 "distilled": _seed_model(configs["distilled"], "student", data, layout.student, [teacher],
-                                          arms["distilled"].winner, log),
-                 **{arm: _seed_model(configs[arm], "student", data, layout.root / f"student-{loss}", [teacher],
-                                     arms[arm].winner, log) for arm, loss in extra.items()}}
+        out_dirs = {"alone": layout.student_alone, "distilled": layout.student,
+                    **{arm: layout.root / f"student-{loss}" for arm, loss in extra.items()}}
+        paths = {"teacher": teacher}
+        for arm, out in out_dirs.items():
+            used = [teacher] if distils(arm) else []
+            paths[arm] = _seed_model(configs[arm], "student", data, out, used, arms[arm].winner, log)
         for arm, path in paths.items():
             test = evaluate_checkpoint(path, data, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size, write=False)
             scores[test_key][arm].append(test[test_key])
@@ -269,11 +267,9 @@ def run_study(cfg: Config, resume: bool = False, log: Callable[[str], None] = pr
                           "summary": compare(scores[test_key]["teacher"], scores[test_key]["alone"],
                                              scores[test_key][arm])}
                    for arm, loss in extra.items()},
-        "budget": {"trials": {arm: arm_trials(cfg, spaces["distilled" if arm in extra else arm],
-                                              "distilled" if arm in extra else arm) for arm in all_arms},
-                   "completed": {arm: sum(r["status"] == "completed" for r in arms[arm].rows) for arm in all_arms},
-                   "stopped_early": {arm: sum(r["status"] == "stopped early" for r in arms[arm].rows)
-                                     for arm in all_arms},
+        "budget": {"trials": {arm: arm_trials(cfg, arm_spaces[arm], arm) for arm in all_arms},
+                   "completed": {arm: _count(arms[arm], "completed") for arm in all_arms},
+                   "stopped_early": {arm: _count(arms[arm], "stopped early") for arm in all_arms},
                    "scheduler": {"name": "ASHA", "grace_period": cfg.tune.grace_period,
                                  "reduction_factor": cfg.tune.reduction_factor, "max_t": cfg.study.epochs},
                    "searcher": cfg.tune.searcher, "max_concurrent_trials": cfg.tune.max_concurrent_trials,
