@@ -36,6 +36,7 @@ from kdray.train.loop import (
 )
 from kdray.train.objective import Objective
 from kdray.train.progress import EpochFeed, Event
+from kdray.train.shard import training_rows
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,6 @@ class TrainSetup:
 def _ranking_setup(cfg: Config, role: str, data: PreparedData, teachers: Sequence[Path],
                    initial_model: RecModel | None = None) -> TrainSetup:
     import ray
-    import ray.data
 
     objective = Objective.from_config(cfg, role, data.n_items)
     if role == "student" and objective.distilling and not teachers:
@@ -98,7 +98,7 @@ def _ranking_setup(cfg: Config, role: str, data: PreparedData, teachers: Sequenc
     for ckpt in teacher_ckpts:
         check_matches_data(ckpt, data)
 
-    dataset = ray.data.read_parquet(str(data.path / TRAIN_BY_USER))
+    dataset = training_rows(data.path / TRAIN_BY_USER)
     teacher_refs = [ray.put(model_state(c.model)) for c in teacher_ckpts] if objective.distilling else []
     if cfg.distill.cached_topk and teacher_refs:
         weights = list(cfg.distill.teacher_weights) or None

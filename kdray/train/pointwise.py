@@ -33,6 +33,7 @@ from kdray.distill.pointwise_losses import pointwise_objective
 from kdray.errors import KdrayError
 from kdray.metrics import auc, logloss, rmse
 from kdray.models.pointwise import PointwiseModel, build_pointwise_model
+from kdray.train.shard import training_rows
 
 Batch = dict[str, Tensor]
 
@@ -152,9 +153,8 @@ class PointwiseSetup:
 
 
 def pointwise_setup(cfg: Config, role: str, data: PointwiseData, teachers: Sequence[Path]) -> PointwiseSetup:
-    """Reads the training rows with Ray Data, builds the (seeded) initial model and loads the frozen teachers."""
+    """Hands the training rows to Ray Data, builds the (seeded) initial model and loads the frozen teachers."""
     import ray
-    import ray.data
 
     from kdray.checkpoint import CheckpointError, Vocab, empty_seen, load_checkpoint, save_checkpoint
     from kdray.distill.teacher import model_state
@@ -168,7 +168,7 @@ def pointwise_setup(cfg: Config, role: str, data: PointwiseData, teachers: Seque
         if ckpt.features != data.spec.to_json():  # ids, vocabularies and statistics: the same encoded rows
             raise CheckpointError(f"teacher {path} is not a pointwise model trained on the data in {data.path}")
         refs.append(ray.put(model_state(ckpt.model)))
-    dataset = ray.data.read_parquet(str(data.train_path)).materialize()
+    dataset = training_rows(data.train_path).materialize()
     torch.manual_seed((cfg.teacher_train if role == "teacher" else cfg.student_train).seed)
     initial = build_for(cfg, role, data)
     spec = data.spec
