@@ -198,6 +198,9 @@ class StudyConfig:
     num_samples: Count = 8
     epochs: Count = 100  # every arm trains at most this many epochs (the default student peaks at 80-95) ...
     patience: NonNegInt = 10  # ... and stops after this many without validation improvement
+    # ASHA stops no trial before this epoch (capped at study.epochs). At epoch 1 it keeps the fastest starters, not
+    # the best settings: low learning rates and strong regularisation start slowly and finish highest (BENCHMARKS.md)
+    grace_period: Count = 20
     space: dict[Str, Any] = dataclasses.field(default_factory=dict)  # training key -> domain, over TRAIN_SPACE
     # distill.* key -> domain, over DISTILL_STUDY_SPACE
     distill_space: dict[Str, Any] = dataclasses.field(default_factory=dict)

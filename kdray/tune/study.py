@@ -12,7 +12,7 @@ distil from a teacher nobody tuned. ``kdray study`` gives three arms the same Ra
   (``--resume``) trains only their arms.
 
 "The same budget" is the same number of trials (``study.num_samples``), the same scheduler (ASHA with
-``tune.grace_period`` / ``tune.reduction_factor``), the same searcher and the same training space over each role's
+``study.grace_period`` / ``tune.reduction_factor``), the same searcher and the same training space over each role's
 own section (:data:`~kdray.tune.space.TRAIN_SPACE`: lr, weight_decay, embedding_l2, batch_size; ``study.space``
 changes it), with epochs and patience fixed for every arm (``study.epochs``, ``study.patience``). The arms run in
 order, teacher first; each arm is :func:`kdray.tune.search.run_arm`, so trials run in parallel on the cluster
@@ -96,7 +96,8 @@ def label_of(cfg: Config) -> str:
 
 def study_config(cfg: Config) -> Config:
     """The base config of every arm: one teacher (the distilled arm distils the teacher arm's model), the study's
-    epochs and patience for both roles, the study's trial count, and the run directory of this (dataset, dim)."""
+    epochs and patience for both roles, the study's trial count and ASHA grace period, and the run directory of this
+    (dataset, dim)."""
     st = cfg.study
     if cfg.distill.loss == "none":
         raise ConfigError("distill.loss: 'none' leaves the study's distilled arm without a teacher; choose a "
@@ -107,7 +108,8 @@ def study_config(cfg: Config) -> Config:
     for loss in st.losses:
         loss_config(cfg, loss)
     return replace(cfg, name=f"study-{label_of(cfg)}-d{cfg.student.dim}", **{
-        "tune.num_samples": st.num_samples, "distill.n_teachers": 1, "distill.teacher_weights": [],
+        "tune.num_samples": st.num_samples, "tune.grace_period": min(st.grace_period, st.epochs),
+        "distill.n_teachers": 1, "distill.teacher_weights": [],
         "teacher_train.epochs": st.epochs, "student_train.epochs": st.epochs,
         "teacher_train.patience": st.patience, "student_train.patience": st.patience})
 
