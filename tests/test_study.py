@@ -88,11 +88,13 @@ def test_every_arm_searches_the_same_training_space_over_its_own_section():
     assert cfg.distill.n_teachers == 1 and cfg.name == "study-synthetic-d16"
 
 
-def test_asha_stops_no_study_trial_before_the_grace_period_capped_at_the_epochs():
-    assert study_config(load_config(None)).tune.grace_period == 20 == load_config(None).study.grace_period
-    assert study_config(load_config(None, ["tune.grace_period=1"])).tune.grace_period == 20  # kdray tune's is not it
+def test_asha_stops_no_study_trial_before_the_grace_period_half_the_epochs_by_default():
+    assert load_config(None).study.epochs == 100 and study_config(load_config(None)).tune.grace_period == 50
+    assert study_config(load_config(None, ["tune.grace_period=1"])).tune.grace_period == 50  # kdray tune's is not it
+    assert study_config(load_config(None, ["study.epochs=13"])).tune.grace_period == 6
+    assert study_config(load_config(None, ["study.epochs=1"])).tune.grace_period == 1
     assert study_config(load_config(None, ["study.grace_period=5"])).tune.grace_period == 5
-    assert study_config(load_config(None, ["study.epochs=12"])).tune.grace_period == 12
+    assert study_config(load_config(None, ["study.grace_period=30", "study.epochs=12"])).tune.grace_period == 12
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -200,7 +202,7 @@ def test_a_tiny_study_writes_every_field_for_three_arms_and_three_seeds(study):
     assert r["params"]["student"] < r["params"]["teacher"]
     assert r["budget"]["trials"] == {"teacher": 1, "alone": 1, "distilled": 1}
     assert r["budget"]["scheduler"]["name"] == "ASHA" and r["seeds"] == [0, 1, 2]
-    assert r["budget"]["scheduler"]["grace_period"] == 2  # study.grace_period (20) capped at study.epochs
+    assert r["budget"]["scheduler"]["grace_period"] == 1  # half of study.epochs
     assert set(r["winners"]["teacher"]["params"]) == {"teacher_train.lr"}
     assert set(r["winners"]["distilled"]["params"]) == {"student_train.lr", "distill.alpha"}
     assert r["command"].startswith("kdray study ") and "study.dataset=tiny" in r["command"]

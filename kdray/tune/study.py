@@ -108,7 +108,7 @@ def study_config(cfg: Config) -> Config:
     for loss in st.losses:
         loss_config(cfg, loss)
     return replace(cfg, name=f"study-{label_of(cfg)}-d{cfg.student.dim}", **{
-        "tune.num_samples": st.num_samples, "tune.grace_period": min(st.grace_period, st.epochs),
+        "tune.num_samples": st.num_samples, "tune.grace_period": min(st.grace_period or max(1, st.epochs // 2), st.epochs),
         "distill.n_teachers": 1, "distill.teacher_weights": [],
         "teacher_train.epochs": st.epochs, "student_train.epochs": st.epochs,
         "teacher_train.patience": st.patience, "student_train.patience": st.patience})
