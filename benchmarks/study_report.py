@@ -53,8 +53,8 @@ def dataset_table(results: list[dict[str, Any]]) -> str:
     """One row per student size: every number from the study's per-seed lists (:func:`kdray.tune.study.compare`)."""
     metric = results[0]["metric"]
     lines = [(f"| student dim | params (student / teacher) | teacher {metric} | alone | distilled | gain | "
-              "gap recovered | gain > 2x seed std | teacher > alone on valid | seeds | trials per arm |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "gap recovered | gain > 2x seed std | teacher > alone on valid | seeds | trials per arm | ASHA grace |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         c = compare(r["arms"]["teacher"], r["arms"]["alone"], r["arms"]["distilled"])
         p = r["params"]
@@ -65,7 +65,7 @@ def dataset_table(results: list[dict[str, Any]]) -> str:
             f"{_pm(c['mean']['teacher'], c['std']['teacher'])} | {_pm(c['mean']['alone'], c['std']['alone'])} | "
             f"{_pm(c['mean']['distilled'], c['std']['distilled'])} | {c['gain']:+.4f} | {recovered} | "
             f"{'yes' if c['significant'] else 'no'} | {'yes' if r['teacher_beats_alone_on_valid'] else '**no**'} | "
-            f"{len(r['arms']['alone'])} | {', '.join(map(str, trials))} |")
+            f"{len(r['arms']['alone'])} | {', '.join(map(str, trials))} | {r['budget']['scheduler']['grace_period']} |")
     return "\n".join(lines)
 
 

@@ -131,7 +131,8 @@ def _result(dim: int, student_params: int, alone: list[float], distilled: list[f
     return {"dataset": "toy", "metric": "test_ndcg@10", "student_dim": dim,
             "params": {"teacher": 10_000, "student": student_params},
             "arms": {"teacher": [0.30, 0.30, 0.30], "alone": alone, "distilled": distilled},
-            "budget": {"trials": {"teacher": 8, "alone": 8, "distilled": 8}},
+            "budget": {"trials": {"teacher": 8, "alone": 8, "distilled": 8},
+                       "scheduler": {"name": "ASHA", "grace_period": dim * 5}},
             "winners": {}, "teacher_beats_alone_on_valid": dim != 8, "command": f"kdray study student.dim={dim}"}
 
 
@@ -150,7 +151,7 @@ def test_report_script_writes_the_tables_between_the_markers_and_the_frontier(tm
     rows = [line for line in text.splitlines() if line.startswith(("| 4 |", "| 8 |"))]
     assert [r.split(" | ")[0] for r in rows] == ["| 4", "| 8"]  # smallest student first
     # d8: gain 0.05, gap 0.08 -> 62.5%, 0.05 > 2 x 0.02: yes; the teacher did not beat it on validation
-    assert "| 0.2200 ± 0.0200 | 0.2700 ± 0.0100 | +0.0500 | 62.5% | yes | **no** | 3 | 8 |" in rows[1]
+    assert "| 0.2200 ± 0.0200 | 0.2700 ± 0.0100 | +0.0500 | 62.5% | yes | **no** | 3 | 8 | 40 |" in rows[1]
     # d4: gain 0.01 within 2 x 0.01
     assert "| +0.0100 | 5.0% | no | yes |" in rows[0] and "200 / 10,000 (2.0%)" in rows[0]
     assert "| distilled d=8 | 400 | 0.2700 ± 0.0100 |" in text and "kdray study student.dim=8" in text
