@@ -166,7 +166,11 @@ class TuneConfig:
     num_samples: Count = 8
     max_concurrent_trials: Count = 2
     searcher: Literal["random", "optuna", "hyperopt"] = "random"
-    grace_period: Count = 1  # ASHA: epochs before a trial may be stopped
+    # ASHA: epochs before a trial may be stopped (0 = half of the trials' epochs). Early rungs keep the fastest
+    # starters, not the best settings: low learning rates and strong regularisation start slowly and finish highest,
+    # and a student started from the teacher's vectors starts high, so early cuts weaken a student-alone search more
+    # than a distilled one (BENCHMARKS.md, "Equal-budget studies")
+    grace_period: NonNegInt = 0
     reduction_factor: Annotated[Int, rule(lambda v: v >= 2, "must be >= 2")] = 2
     max_params_ratio: PosFloat = 0.1  # the winner must have at most this fraction of the teacher's parameters
     storage_path: Str | None = None  # None = RUN/tune/ray; a local dir, shared filesystem or s3:// URI
@@ -198,11 +202,6 @@ class StudyConfig:
     num_samples: Count = 8
     epochs: Count = 100  # every arm trains at most this many epochs (the default student peaks at 80-95) ...
     patience: NonNegInt = 10  # ... and stops after this many without validation improvement
-    # ASHA stops no trial before this epoch (0 = half of study.epochs; capped at study.epochs). Early rungs keep the
-    # fastest starters, not the best settings: low learning rates and strong regularisation start slowly and finish
-    # highest, and a student started from the teacher's vectors starts high, so an early cut weakens the student-alone
-    # arm's search more than the distilled arm's (BENCHMARKS.md, "Equal-budget studies")
-    grace_period: NonNegInt = 0
     space: dict[Str, Any] = dataclasses.field(default_factory=dict)  # training key -> domain, over TRAIN_SPACE
     # distill.* key -> domain, over DISTILL_STUDY_SPACE
     distill_space: dict[Str, Any] = dataclasses.field(default_factory=dict)

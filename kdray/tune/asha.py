@@ -15,6 +15,12 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from kdray.errors import KdrayError
 
 
+def grace_period(cfg: Any, epochs: int) -> int:
+    """ASHA's grace period for trials of ``epochs`` epochs: ``tune.grace_period``, or half the epochs when it is 0
+    (the default), never more than the epochs."""
+    return min(cfg.tune.grace_period or max(1, epochs // 2), epochs)
+
+
 class TrialStopped(KdrayError):
     """Raised in a trial's Train controller when ASHA asked the trial to stop; the trial ends without an export."""
 

@@ -10,6 +10,7 @@ from kdray.checkpoint import is_complete
 from kdray.config import Config
 from kdray.distill import CONTROL
 from kdray.layout import RunLayout
+from kdray.tune.asha import grace_period
 from kdray.tune.space import ARMS, plain_value, role_of, trial_config
 
 STOPPED = ".stopped"  # RUN/tune/trials/ARM/TRIAL.stopped: the trial ended because ASHA stopped it
@@ -164,7 +165,7 @@ def report_markdown(cfg: Config, data: Any, summary: dict[str, Any], rows: list[
         f"Data: `{cfg.data.source}` ({data.n_users:,} users, {data.n_items:,} items). Teacher: `{cfg.teacher.name}` "
         f"dim {cfg.teacher.dim}{f' x {n_teachers} (an ensemble, distilled as one)' if n_teachers > 1 else ''}, "
         f"trained once before the search. Student: `{cfg.student.name}`; sizes are relative to one teacher.\n\n"
-        f"Search: {per_arm}; ASHA on validation {metric} per epoch (grace {cfg.tune.grace_period}, reduction "
+        f"Search: {per_arm}; ASHA on validation {metric} per epoch (grace {grace_period(cfg, cfg.student_train.epochs)}, reduction "
         f"{cfg.tune.reduction_factor}, at most {cfg.student_train.epochs} epochs), {cfg.tune.searcher} search, "
         f"at most {cfg.tune.max_concurrent_trials} trial(s) at a time, {cfg.ray.num_workers} worker(s) x "
         f"{cfg.ray.cpus_per_worker:g} CPU per trial. The control arm searches the same space without the "

@@ -51,7 +51,7 @@ from kdray.config import Config, replace, to_dict
 from kdray.errors import ConfigError, KdrayError
 from kdray.layout import RunLayout, atomic_replace_dir
 from kdray.tracking import mlflow_callbacks
-from kdray.tune.asha import Decisions, GracefulASHA, StopWhenAsked, TrialStopped
+from kdray.tune.asha import Decisions, GracefulASHA, StopWhenAsked, TrialStopped, grace_period
 from kdray.tune.report import (
     STOPPED,
     choose_winner,
@@ -224,7 +224,7 @@ def run_arm(cfg: Config, arm: str, space: dict[str, dict[str, Any]], data_dir: P
             epochs = getattr(cfg, train_section(arm)).epochs
             scheduler = GracefulASHA(
                 decisions_name, time_attr="epoch", max_t=epochs,
-                grace_period=min(cfg.tune.grace_period, epochs),
+                grace_period=grace_period(cfg, epochs),
                 reduction_factor=cfg.tune.reduction_factor, stop_last_trials=False)
             searcher = _searcher(cfg, metric, first)
             tuner = tune.Tuner(

@@ -12,11 +12,14 @@ distil from a teacher nobody tuned. ``kdray study`` gives three arms the same Ra
   (``--resume``) trains only their arms.
 
 "The same budget" is the same number of trials (``study.num_samples``), the same scheduler (ASHA with
-``study.grace_period`` / ``tune.reduction_factor``), the same searcher and the same training space over each role's
-own section (:data:`~kdray.tune.space.TRAIN_SPACE`: lr, weight_decay, embedding_l2, batch_size; ``study.space``
-changes it), with epochs and patience fixed for every arm (``study.epochs``, ``study.patience``). The arms run in
-order, teacher first; each arm is :func:`kdray.tune.search.run_arm`, so trials run in parallel on the cluster
-(``tune.max_concurrent_trials``) and ASHA stops lagging ones cleanly.
+``tune.grace_period``, by default half of ``study.epochs``, and ``tune.reduction_factor``), the same searcher and the
+same training space over each role's own section (:data:`~kdray.tune.space.TRAIN_SPACE`: lr, weight_decay,
+embedding_l2, batch_size; ``study.space`` changes it), with epochs and patience fixed for every arm
+(``study.epochs``, ``study.patience``). The arms run in order, teacher first; each arm is
+:func:`kdray.tune.search.run_arm`, so trials run in parallel on the cluster (``tune.max_concurrent_trials``) and ASHA
+stops lagging ones cleanly. ASHA's early rungs would keep the fastest starters: a student started from the teacher's
+vectors starts near its plateau and a slowly learning student alone does not, so a short grace period weakens the
+control's search more than the distilled arm's (BENCHMARKS.md).
 
 Winners are picked on validation, then retrained with every seed of ``study.seeds``: for seed ``s`` the teacher, the
 student alone and the distilled student (which distils from the seed-``s`` teacher) train with ``s`` and are
@@ -47,6 +50,7 @@ from kdray.checkpoint import load_checkpoint, stage_key
 from kdray.config import TOP_K_ORDER_LOSSES, Config, fingerprint, replace, to_dict
 from kdray.errors import ConfigError, KdrayError
 from kdray.layout import RunLayout, atomic_replace_dir, atomic_write_text
+from kdray.tune.asha import grace_period
 from kdray.tune.space import (
     DISTILL_PREFIX,
     DISTILL_STUDY_SPACE,
@@ -96,7 +100,8 @@ def label_of(cfg: Config) -> str:
 
 def study_config(cfg: Config) -> Config:
     """The base config of every arm: one teacher (the distilled arm distils the teacher arm's model), the study's
-    epochs and patience for both roles, the study's trial count and ASHA grace period, and the run directory of this
+    epochs and patience for both roles, the study's trial count, ASHA's grace period resolved to epochs (the key and
+    the result record the number), and the run directory of this
     (dataset, dim)."""
     st = cfg.study
     if cfg.distill.loss == "none":
@@ -108,7 +113,7 @@ def study_config(cfg: Config) -> Config:
     for loss in st.losses:
         loss_config(cfg, loss)
     return replace(cfg, name=f"study-{label_of(cfg)}-d{cfg.student.dim}", **{
-        "tune.num_samples": st.num_samples, "tune.grace_period": min(st.grace_period or max(1, st.epochs // 2), st.epochs),
+        "tune.num_samples": st.num_samples, "tune.grace_period": grace_period(cfg, st.epochs),
         "distill.n_teachers": 1, "distill.teacher_weights": [],
         "teacher_train.epochs": st.epochs, "student_train.epochs": st.epochs,
         "teacher_train.patience": st.patience, "student_train.patience": st.patience})
