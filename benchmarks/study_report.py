@@ -52,9 +52,9 @@ def _pm(mean: float, std: float) -> str:
 def dataset_table(results: list[dict[str, Any]]) -> str:
     """One row per student size: every number from the study's per-seed lists (:func:`kdray.tune.study.compare`)."""
     metric = results[0]["metric"]
-    lines = [(f"| student dim | params (student / teacher) | teacher {metric} | alone | distilled | gain | "
+    lines = [(f"| student dim | params (student / teacher) | teacher {metric} | alone | distilled | loss | gain | "
               "gap recovered | gain > 2x seed std | teacher > alone on valid | seeds | trials per arm | ASHA grace |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         c = compare(r["arms"]["teacher"], r["arms"]["alone"], r["arms"]["distilled"])
         p = r["params"]
@@ -63,7 +63,8 @@ def dataset_table(results: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['student_dim']} | {p['student']:,} / {p['teacher']:,} ({p['student'] / p['teacher']:.1%}) | "
             f"{_pm(c['mean']['teacher'], c['std']['teacher'])} | {_pm(c['mean']['alone'], c['std']['alone'])} | "
-            f"{_pm(c['mean']['distilled'], c['std']['distilled'])} | {c['gain']:+.4f} | {recovered} | "
+            f"{_pm(c['mean']['distilled'], c['std']['distilled'])} | {r.get('loss', 'rd')} | {c['gain']:+.4f} | "
+            f"{recovered} | "
             f"{'yes' if c['significant'] else 'no'} | {'yes' if r['teacher_beats_alone_on_valid'] else '**no**'} | "
             f"{len(r['arms']['alone'])} | {', '.join(map(str, trials))} | {r['budget']['scheduler']['grace_period']} |")
     return "\n".join(lines)
@@ -92,11 +93,13 @@ def losses_table(results: list[dict[str, Any]]) -> str | None:
 
 
 def frontier_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The frontier's points: each study's teacher (one per study: each tuned its own), alone and distilled with
-    its main loss, and distilled with each of its extra losses (``distilled-<loss>``)."""
+    """The frontier's points: each study's teacher (one per study: each tuned its own), alone, and one
+    ``distilled-<loss>`` point per distillation loss, the main one (``loss``) and each extra one: studies of one data
+    set may have different main losses."""
     rows = []
     for r in results:
-        arms = {arm: r["arms"][arm] for arm in ("teacher", "alone", "distilled")}
+        arms = {"teacher": r["arms"]["teacher"], "alone": r["arms"]["alone"],
+                f"distilled-{r.get('loss', 'rd')}": r["arms"]["distilled"]}
         arms.update({f"distilled-{loss}": extra["arms"] for loss, extra in r.get("losses", {}).items()})
         for arm, values in arms.items():
             mean = sum(values) / len(values)
@@ -114,10 +117,10 @@ def frontier_plot(dataset: str, results: list[dict[str, Any]], path: Path) -> No
 
     rows = frontier_rows(results)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    main_loss = results[0].get("loss", "rd")
-    extra = sorted({r["arm"] for r in rows} - {"teacher", "alone", "distilled"})
-    lines = [("alone", "s-", "student alone (tuned)"), ("distilled", "o-", f"distilled, {main_loss} (tuned)"),
-             *((arm, "^-", f"distilled, {arm.split('-', 1)[1]} (tuned)") for arm in extra),
+    distilled = sorted({r["arm"] for r in rows} - {"teacher", "alone"})
+    lines = [("alone", "s-", "student alone (tuned)"),
+             *((arm, "o-^vD<>"[i % 7] + "-", f"distilled, {arm.split('-', 1)[1]} (tuned)")
+               for i, arm in enumerate(distilled)),
              ("teacher", "*", "teacher (tuned)")]
     for arm, style, label in lines:
         pts = sorted((r["params"], r["mean"], r["std"]) for r in rows if r["arm"] == arm)

@@ -150,10 +150,10 @@ def test_report_script_writes_the_tables_between_the_markers_and_the_frontier(tm
     rows = [line for line in text.splitlines() if line.startswith(("| 4 |", "| 8 |"))]
     assert [r.split(" | ")[0] for r in rows] == ["| 4", "| 8"]  # smallest student first
     # d8: gain 0.05, gap 0.08 -> 62.5%, 0.05 > 2 x 0.02: yes; the teacher did not beat it on validation
-    assert "| 0.2200 ± 0.0200 | 0.2700 ± 0.0100 | +0.0500 | 62.5% | yes | **no** | 3 | 8 | 40 |" in rows[1]
+    assert "| 0.2200 ± 0.0200 | 0.2700 ± 0.0100 | rd | +0.0500 | 62.5% | yes | **no** | 3 | 8 | 40 |" in rows[1]
     # d4: gain 0.01 within 2 x 0.01
     assert "| +0.0100 | 5.0% | no | yes |" in rows[0] and "200 / 10,000 (2.0%)" in rows[0]
-    assert "| distilled d=8 | 400 | 0.2700 ± 0.0100 |" in text and "kdray study student.dim=8" in text
+    assert "| distilled-rd d=8 | 400 | 0.2700 ± 0.0100 |" in text and "kdray study student.dim=8" in text
     import matplotlib.image
 
     assert matplotlib.image.imread(results / "toy-frontier.png").shape[0] > 300
@@ -176,6 +176,28 @@ def test_report_script_compares_the_losses_of_a_study_with_extra_losses(tmp_path
     # rd: gain 0.05 of the gap 0.08; rrd: 0.22 - 0.22 = 0, within 2 x 0.02
     assert "| 8 | rd (main) | 0.3100 | 0.2700 ± 0.0100 | +0.0500 | 62.5% | yes |" in text
     assert "| 8 | rrd | 0.2900 | 0.2200 ± 0.0100 | +0.0000 | 0.0% | no |" in text
+
+
+def test_report_script_draws_each_loss_as_its_own_line_whichever_arm_was_the_main_one(tmp_path):
+    report = _load_report_script()
+    results = tmp_path / "results"
+    results.mkdir()
+    d8 = _result(8, 400, [0.20, 0.22, 0.24], [0.26, 0.27, 0.28])
+    d8.update(loss="rd", valid={"winners": {"distilled": 0.31}},
+              losses={"rrd": {"arms": [0.29] * 3, "winner_valid": 0.3}})
+    d4 = _result(4, 200, [0.10, 0.10, 0.10], [0.20, 0.20, 0.20])  # a later study: rrd main, rd the extra arm
+    d4.update(loss="rrd", valid={"winners": {"distilled": 0.25}},
+              losses={"rd": {"arms": [0.12] * 3, "winner_valid": 0.1}})
+    (results / "toy-d8.json").write_text(json.dumps(d8))
+    (results / "toy-d4.json").write_text(json.dumps(d4))
+    rows = report.frontier_rows(report.load_results(results)["toy"])
+    points = {(r["arm"], r["student_dim"]): r["mean"] for r in rows}
+    assert points[("distilled-rrd", 4)] == pytest.approx(0.20) and points[("distilled-rrd", 8)] == pytest.approx(0.29)
+    assert points[("distilled-rd", 4)] == pytest.approx(0.12) and points[("distilled-rd", 8)] == pytest.approx(0.27)
+    assert "distilled" not in {arm for arm, _ in points}
+    bench = tmp_path / "BENCHMARKS.md"
+    assert report.main(["--results", str(results), "--benchmarks", str(bench)]) == 0
+    assert "| 0.2000 ± 0.0000 | rrd | +0.1000 |" in bench.read_text()  # the d4 row names its main loss
 
 
 # ----------------------------------------------------------------------------------------------------------------
