@@ -119,7 +119,7 @@ def frontier_plot(dataset: str, results: list[dict[str, Any]], path: Path) -> No
     fig, ax = plt.subplots(figsize=(7, 4.5))
     distilled = sorted({r["arm"] for r in rows} - {"teacher", "alone"})
     lines = [("alone", "s-", "student alone (tuned)"),
-             *((arm, "o-^vD<>"[i % 7] + "-", f"distilled, {arm.split('-', 1)[1]} (tuned)")
+             *((arm, "o^vD<>"[i % 6] + "-", f"distilled, {arm.split('-', 1)[1]} (tuned)")
                for i, arm in enumerate(distilled)),
              ("teacher", "*", "teacher (tuned)")]
     for arm, style, label in lines:
