@@ -100,9 +100,8 @@ def label_of(cfg: Config) -> str:
 
 def study_config(cfg: Config) -> Config:
     """The base config of every arm: one teacher (the distilled arm distils the teacher arm's model), the study's
-    epochs and patience for both roles, the study's trial count, ASHA's grace period resolved to epochs (the key and
-    the result record the number), and the run directory of this
-    (dataset, dim)."""
+    epochs and patience for both roles, the study's trial count, ASHA's grace period resolved to a number of epochs
+    (the study's key and result record it), and the run directory of this (dataset, dim)."""
     st = cfg.study
     if cfg.distill.loss == "none":
         raise ConfigError("distill.loss: 'none' leaves the study's distilled arm without a teacher; choose a "
