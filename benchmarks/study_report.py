@@ -45,6 +45,11 @@ def load_results(results_dir: Path) -> dict[str, list[dict[str, Any]]]:
     return {d: sorted(rs, key=lambda r: r["student_dim"]) for d, rs in sorted(by_dataset.items())}
 
 
+def main_loss(result: dict[str, Any]) -> str:
+    """The loss of a study's ``distilled`` arm (studies written before ``loss`` was recorded used rd)."""
+    return result.get("loss", "rd")
+
+
 def _pm(mean: float, std: float) -> str:
     return f"{mean:.4f}" if not math.isfinite(std) else f"{mean:.4f} ± {std:.4f}"
 
@@ -63,7 +68,7 @@ def dataset_table(results: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['student_dim']} | {p['student']:,} / {p['teacher']:,} ({p['student'] / p['teacher']:.1%}) | "
             f"{_pm(c['mean']['teacher'], c['std']['teacher'])} | {_pm(c['mean']['alone'], c['std']['alone'])} | "
-            f"{_pm(c['mean']['distilled'], c['std']['distilled'])} | {r.get('loss', 'rd')} | {c['gain']:+.4f} | "
+            f"{_pm(c['mean']['distilled'], c['std']['distilled'])} | {main_loss(r)} | {c['gain']:+.4f} | "
             f"{recovered} | "
             f"{'yes' if c['significant'] else 'no'} | {'yes' if r['teacher_beats_alone_on_valid'] else '**no**'} | "
             f"{len(r['arms']['alone'])} | {', '.join(map(str, trials))} | {r['budget']['scheduler']['grace_period']} |")
@@ -83,7 +88,7 @@ def losses_table(results: list[dict[str, Any]]) -> str | None:
         if not r.get("losses"):
             continue
         main = {"arms": r["arms"]["distilled"], "winner_valid": r["valid"]["winners"]["distilled"]}
-        for loss, arm in [(r.get("loss", "rd") + " (main)", main), *r["losses"].items()]:
+        for loss, arm in [(main_loss(r) + " (main)", main), *r["losses"].items()]:
             c = compare(r["arms"]["teacher"], r["arms"]["alone"], arm["arms"])
             recovered = "no gap" if c["gap_recovered"] is None else f"{c['gap_recovered']:.1%}"
             lines.append(f"| {r['student_dim']} | {loss} | {arm['winner_valid']:.4f} | "
@@ -99,7 +104,7 @@ def frontier_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for r in results:
         arms = {"teacher": r["arms"]["teacher"], "alone": r["arms"]["alone"],
-                f"distilled-{r.get('loss', 'rd')}": r["arms"]["distilled"]}
+                f"distilled-{main_loss(r)}": r["arms"]["distilled"]}
         arms.update({f"distilled-{loss}": extra["arms"] for loss, extra in r.get("losses", {}).items()})
         for arm, values in arms.items():
             mean = sum(values) / len(values)

@@ -55,15 +55,18 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, [*TINY, f"runs_dir={tmp}", "name=startup"])
         data = prepare_data(cfg)
-        for i in range(args.repeats + 1):  # round 0 warms the cluster's worker pool up and is not counted
-            for way, rows in WAYS.items():
-                driver.training_rows = rows  # the name _ranking_setup calls
-                t0 = time.perf_counter()
-                driver.train_model(cfg, "teacher", data, out_dir=Path(tmp) / f"{way}-{i}", name=f"{way}-{i}")
-                if i:
-                    seconds[way].append(time.perf_counter() - t0)
-                print(f"{way} round {i}: {time.perf_counter() - t0:.1f} s{' (warm-up)' if not i else ''}", flush=True)
-    driver.training_rows = training_rows
+        try:
+            for i in range(args.repeats + 1):  # round 0 warms the cluster's worker pool up and is not counted
+                for way, rows in WAYS.items():
+                    driver.training_rows = rows  # the name _ranking_setup calls
+                    t0 = time.perf_counter()
+                    driver.train_model(cfg, "teacher", data, out_dir=Path(tmp) / f"{way}-{i}", name=f"{way}-{i}")
+                    if i:
+                        seconds[way].append(time.perf_counter() - t0)
+                    print(f"{way} round {i}: {time.perf_counter() - t0:.1f} s{' (warm-up)' if not i else ''}",
+                          flush=True)
+        finally:
+            driver.training_rows = training_rows
     medians = {way: statistics.median(s) for way, s in seconds.items()}
     result = {"seconds": seconds, "median_s": medians,
               "read_parquet_over_from_arrow": medians["read_parquet"] / medians["from_arrow"],

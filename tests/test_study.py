@@ -135,12 +135,19 @@ def _result(dim: int, student_params: int, alone: list[float], distilled: list[f
             "winners": {}, "teacher_beats_alone_on_valid": dim != 8, "command": f"kdray study student.dim={dim}"}
 
 
-def test_report_script_writes_the_tables_between_the_markers_and_the_frontier(tmp_path):
-    report = _load_report_script()
+def _write_results(tmp_path: Path, *studies: dict) -> Path:
+    """A results folder holding each study as ``toy-d<dim>.json``, as kdray study writes them."""
     results = tmp_path / "results"
     results.mkdir()
-    (results / "toy-d8.json").write_text(json.dumps(_result(8, 400, [0.20, 0.22, 0.24], [0.26, 0.27, 0.28])))
-    (results / "toy-d4.json").write_text(json.dumps(_result(4, 200, [0.10, 0.10, 0.10], [0.10, 0.11, 0.12])))
+    for r in studies:
+        (results / f"toy-d{r['student_dim']}.json").write_text(json.dumps(r))
+    return results
+
+
+def test_report_script_writes_the_tables_between_the_markers_and_the_frontier(tmp_path):
+    report = _load_report_script()
+    results = _write_results(tmp_path, _result(8, 400, [0.20, 0.22, 0.24], [0.26, 0.27, 0.28]),
+                             _result(4, 200, [0.10, 0.10, 0.10], [0.10, 0.11, 0.12]))
     bench = tmp_path / "BENCHMARKS.md"
     bench.write_text(f"# before\n\n{report.BEGIN}\nold table\n{report.END}\n\n## after\n")
     assert report.main(["--results", str(results), "--benchmarks", str(bench)]) == 0
@@ -164,12 +171,10 @@ def test_report_script_writes_the_tables_between_the_markers_and_the_frontier(tm
 
 def test_report_script_compares_the_losses_of_a_study_with_extra_losses(tmp_path):
     report = _load_report_script()
-    results = tmp_path / "results"
-    results.mkdir()
     r = _result(8, 400, [0.20, 0.22, 0.24], [0.26, 0.27, 0.28])
     r.update(loss="rd", valid={"winners": {"distilled": 0.31}},
              losses={"rrd": {"arms": [0.21, 0.22, 0.23], "winner_valid": 0.29}})
-    (results / "toy-d8.json").write_text(json.dumps(r))
+    results = _write_results(tmp_path, r)
     bench = tmp_path / "BENCHMARKS.md"
     assert report.main(["--results", str(results), "--benchmarks", str(bench)]) == 0
     text = bench.read_text()
@@ -180,16 +185,13 @@ def test_report_script_compares_the_losses_of_a_study_with_extra_losses(tmp_path
 
 def test_report_script_draws_each_loss_as_its_own_line_whichever_arm_was_the_main_one(tmp_path):
     report = _load_report_script()
-    results = tmp_path / "results"
-    results.mkdir()
     d8 = _result(8, 400, [0.20, 0.22, 0.24], [0.26, 0.27, 0.28])
     d8.update(loss="rd", valid={"winners": {"distilled": 0.31}},
               losses={"rrd": {"arms": [0.29] * 3, "winner_valid": 0.3}})
     d4 = _result(4, 200, [0.10, 0.10, 0.10], [0.20, 0.20, 0.20])  # a later study: rrd main, rd the extra arm
     d4.update(loss="rrd", valid={"winners": {"distilled": 0.25}},
               losses={"rd": {"arms": [0.12] * 3, "winner_valid": 0.1}})
-    (results / "toy-d8.json").write_text(json.dumps(d8))
-    (results / "toy-d4.json").write_text(json.dumps(d4))
+    results = _write_results(tmp_path, d8, d4)
     rows = report.frontier_rows(report.load_results(results)["toy"])
     points = {(r["arm"], r["student_dim"]): r["mean"] for r in rows}
     assert points[("distilled-rrd", 4)] == pytest.approx(0.20) and points[("distilled-rrd", 8)] == pytest.approx(0.29)
