@@ -1,6 +1,7 @@
 """kdray study (the equal-budget protocol of issue 11): the arithmetic of its verdict against hand-computed values,
 the report script on a hand-written result, the study's config checks, and one tiny study end to end on the shared
-Ray cluster (3 arms x 1 trial, 3 seeds), then ``--resume`` on the finished study, which must train nothing.
+Ray cluster (3 arms x 1 trial, 3 seeds), then ``--resume`` on the finished study, which must train nothing, and a
+study of another student size, which must reuse the tuned teacher.
 
 The teacher search of ``kdray run`` is the same teacher arm (kdray.tune.teacher); its notes are tested here too.
 """
@@ -203,7 +204,8 @@ def test_report_script_draws_each_loss_as_its_own_line_whichever_arm_was_the_mai
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# A tiny study end to end, then --resume on the finished study, then the same study with one more loss.
+# A tiny study end to end, then --resume on the finished study, then the same study with one more loss, then another
+# student size that shares the teacher arm.
 
 
 @pytest.fixture(scope="module")
@@ -234,11 +236,14 @@ def test_a_tiny_study_writes_every_field_for_three_arms_and_three_seeds(study):
     assert isinstance(r["teacher_beats_alone_on_valid"], bool)
     run = study["tmp"] / "runs" / "study-tiny-d4"
     assert "Trial status" in (run / "logs" / "ray.log").read_text()  # Tune's progress table, not on the console
+    home = Path(r["teacher_run"])  # the teacher arm lives beside the study, for every student size to share
+    assert home.parent == run.parent and home.name.startswith("study-tiny-teacher-")
     from kdray.checkpoint import load_checkpoint
 
     for seed in (0, 1, 2):  # the distilled student of seed s distils from the teacher of seed s
         lineage = load_checkpoint(run / f"seed-{seed}" / "student").meta["lineage"]["teachers"]
-        teacher = load_checkpoint(run / f"seed-{seed}" / "teacher")
+        teacher = load_checkpoint(home / f"seed-{seed}" / "teacher")
+        assert str(home) in lineage[0]
         assert teacher.config["teacher_train"]["seed"] == seed
         assert [Path(t).name for t in lineage] == [f"{r['winners']['teacher']['trial']}" if seed == 0 else "teacher"]
 
@@ -285,3 +290,54 @@ def test_adding_a_loss_to_a_finished_study_trains_only_its_arm(study, capsys):
     from kdray.checkpoint import load_checkpoint
 
     assert load_checkpoint(run / "seed-1" / "student-listwise").config["distill"]["loss"] == "listwise"
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_another_student_size_reuses_the_tuned_teacher_arm(study, capsys):
+    home = Path(study["result"]["teacher_run"])
+    before = {p: p.stat().st_mtime_ns for p in home.rglob("model.pt")}
+    capsys.readouterr()
+    assert main(["study", *study["args"], "student.dim=2", "study.seeds=[0]"]) == 0
+    out = capsys.readouterr().out
+    assert "[tune] teacher: resuming" in out and "[teacher] training on Ray Train" not in out
+    assert {p: p.stat().st_mtime_ns for p in home.rglob("model.pt")} == before  # no teacher trained again
+    r = json.loads((study["tmp"] / "results" / "tiny-d2.json").read_text())
+    first = study["result"]
+    assert r["teacher_run"] == str(home) and r["winners"]["teacher"] == first["winners"]["teacher"]
+    assert r["arms"]["teacher"] == pytest.approx(first["arms"]["teacher"][:1])
+    assert r["student_dim"] == 2 and r["params"]["student"] < first["params"]["student"]
+
+
+def test_a_second_study_waits_for_the_one_holding_the_shared_teacher(tmp_path):
+    import threading
+
+    from kdray.tune.study import teacher_lock
+
+    events, logs = [], []
+    first_in, release = threading.Event(), threading.Event()
+
+    def first():
+        with teacher_lock(tmp_path, logs.append):
+            events.append("first in")
+            first_in.set()
+            release.wait(10)
+            events.append("first out")
+
+    def second():
+        first_in.wait(10)
+        with teacher_lock(tmp_path, logs.append):
+            events.append("second in")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for _ in range(200):  # until the second study says it waits
+        if logs:
+            break
+        threading.Event().wait(0.05)
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert events == ["first in", "first out", "second in"]
+    assert logs == [f"[study] another study is tuning the same teacher in {tmp_path}; waiting for it to finish"]

@@ -28,21 +28,30 @@ reused as such. The output is the test mean ± std per arm, the gain (distilled 
 teacher-alone gap recovered, and whether the gain exceeds twice the larger of the two student arms' seed std
 (:func:`compare`); and, on validation, whether the tuned teacher beats the tuned student alone at all.
 
-Everything lives in one run directory, ``RUNS_DIR/study-<dataset>-d<dim>``: ``tune/`` (the three searches),
-``seed-S/`` (the retrained models, reused by their stage key) and ``study.json``. ``--resume`` restores interrupted
-searches with Tune and reuses every finished model; the result also goes to
+The teacher arm does not depend on the student, so every student size of a dataset shares it: its search and its
+seed models live in ``RUNS_DIR/study-<dataset>-teacher-<key>``, named after what they depend on (data, teacher,
+teacher_train, eval, the teacher's space and the search budget). The first study of a dataset tunes the teacher; the
+next sizes reuse it, or resume it if it was interrupted. A lock file there makes a second study wait while another
+one works on the same teacher. (Studies started before the teacher was shared keep their teacher in their own
+directory, and ``--resume`` still finds it there.)
+
+Everything else lives in one run directory per size, ``RUNS_DIR/study-<dataset>-d<dim>``: ``tune/`` (the student
+searches), ``seed-S/`` (the retrained students, reused by their stage key) and ``study.json``. ``--resume`` restores
+interrupted searches with Tune and reuses every finished model; the result also goes to
 ``<study.results_dir>/<dataset>-d<dim>.json``, from which ``benchmarks/study_report.py`` writes BENCHMARKS.md's tables
 and the compression frontier.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import shutil
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +182,68 @@ def _check_state(cfg: Config, spaces: dict[str, Any], resume: bool) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The teacher arm, shared by every student size of a dataset.
+
+
+def teacher_home(cfg: Config, space: dict[str, Any]) -> Config:
+    """The config whose run directory holds the teacher arm: ``study-<dataset>-teacher-<key>``, where the key is
+    everything the teacher search and its seed models depend on. The student (its size, its training) is not part
+    of it; the searcher's seed is, since it decides which settings the trials sample. A study started before the
+    teacher was shared has the teacher search in its own directory: that one stays where it is."""
+    from ray import tune
+
+    from kdray.tune.search import _storage, experiment_name
+
+    if tune.Tuner.can_restore(f"{_storage(cfg)}/{experiment_name(cfg, 'teacher')}"):
+        return cfg
+    key = fingerprint({"space": space, "num_samples": cfg.tune.num_samples, "searcher": cfg.tune.searcher,
+                       "searcher_seed": cfg.student_train.seed, "grace_period": cfg.tune.grace_period,
+                       "reduction_factor": cfg.tune.reduction_factor,
+                       **{s: to_dict(getattr(cfg, s)) for s in ("data", "teacher", "teacher_train", "eval")}})
+    return replace(cfg, name=f"study-{label_of(cfg)}-teacher-{key}")
+
+
+@contextlib.contextmanager
+def teacher_lock(run_dir: Path, log: Callable[[str], None]) -> Iterator[None]:
+    """Holds ``run_dir/.lock`` (an OS file lock, released when the process ends however it ends): two studies that
+    share a teacher must not run its Tune experiment or train its seed models at the same time."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"[study] another study is tuning the same teacher in {run_dir}; waiting for it to finish")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _teacher_arm(cfg: Config, space: dict[str, Any], data: Any, resume: bool,
+                 log: Callable[[str], None]) -> tuple[ArmResult, dict[int, Path], Path]:
+    """The tuned teacher and its model for every seed (searched, resumed or reused), and where they live."""
+    home = teacher_home(cfg, space)
+    shared = home.run_dir != cfg.run_dir
+    if shared:
+        log(f"[study] the teacher arm is shared by every student size of this dataset: {home.run_dir}")
+    with teacher_lock(home.run_dir, log):
+        # a shared teacher arm with the same key is the same search: reuse it, or resume it if it was interrupted
+        result = search_arm(home, "teacher", space, data, [], resume or shared, log,
+                            name=home.name if shared else None)
+        if result.winner is None:
+            raise KdrayError("the study's teacher arm completed no trial; see "
+                             f"{RunLayout(home.run_dir).tune_trials('teacher')}")
+        log(_arm_line("teacher", result, cfg.select_metric))
+        models = {}
+        for seed in cfg.study.seeds:
+            seed_cfg = replace(trial_config(home, result.params, "teacher"), **{"teacher_train.seed": seed})
+            out = RunLayout(home.run_dir / f"seed-{seed}").teacher(0)
+            models[seed] = _seed_model(seed_cfg, "teacher", data, out, [], result.winner, log)
+    return result, models, home.run_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The study.
 
 
@@ -223,16 +294,16 @@ def run_study(cfg: Config, resume: bool = False, log: Callable[[str], None] = pr
     all_arms = (*STUDY_ARMS, *extra)
     arm_spaces = {**spaces, **dict.fromkeys(extra, spaces["distilled"])}
     arms: dict[str, ArmResult] = {}
-    bases = {"teacher": cfg}  # each arm's base config; the student arms' once the teacher arm has a winner
-    for arm in all_arms:
+    arms["teacher"], teacher_models, teacher_run = _teacher_arm(cfg, spaces["teacher"], data, resume, log)
+    # the student arms distil from (and record) the tuned teacher
+    base = trial_config(cfg, arms["teacher"].params, "teacher")
+    bases = {"teacher": cfg, **{a: loss_config(base, extra[a]) if a in extra else base for a in all_arms[1:]}}
+    for arm in all_arms[1:]:
         teachers = [Path(arms["teacher"].winner["checkpoint"])] if distils(arm) else []
         arms[arm] = search_arm(bases[arm], arm, arm_spaces[arm], data, teachers, resume, log)
         if arms[arm].winner is None:
             raise KdrayError(f"the study's {arm} arm completed no trial; see {RunLayout(cfg.run_dir).tune_trials(arm)}")
         log(_arm_line(arm, arms[arm], metric))
-        if arm == "teacher":  # the student arms distil from (and record) the tuned teacher
-            base = trial_config(cfg, arms[arm].params, arm)
-            bases.update({a: loss_config(base, extra[a]) if a in extra else base for a in all_arms[1:]})
 
     valid_key, test_key, recall_key = f"valid_{metric}", f"test_{metric}", f"test_recall@{cfg.eval.k}"
     scores: dict[str, dict[str, list[float]]] = {k: {arm: [] for arm in all_arms}
@@ -240,8 +311,8 @@ def run_study(cfg: Config, resume: bool = False, log: Callable[[str], None] = pr
     for seed in cfg.study.seeds:
         layout = RunLayout(cfg.run_dir / f"seed-{seed}")
         configs = {arm: replace(trial_config(bases[arm], arms[arm].params, arm),
-                                **{f"{role_of(arm)}_train.seed": seed}) for arm in all_arms}
-        teacher = _seed_model(configs["teacher"], "teacher", data, layout.teacher(0), [], arms["teacher"].winner, log)
+                                **{f"{role_of(arm)}_train.seed": seed}) for arm in all_arms[1:]}
+        teacher = teacher_models[seed]
         out_dirs = {"alone": layout.student_alone, "distilled": layout.student,
                     **{arm: layout.root / f"student-{loss}" for arm, loss in extra.items()}}
         paths = {"teacher": teacher}
@@ -282,7 +353,7 @@ def run_study(cfg: Config, resume: bool = False, log: Callable[[str], None] = pr
                    "epochs": cfg.study.epochs, "patience": cfg.study.patience, "spaces": spaces},
         "winners": {arm: {"trial": arms[arm].winner["trial"], "params": arms[arm].params,
                           valid_key: winners_valid[arm]} for arm in STUDY_ARMS},
-        "command": command, "seconds": time.perf_counter() - t0,
+        "teacher_run": str(teacher_run), "command": command, "seconds": time.perf_counter() - t0,
     }
     text = json.dumps(result, indent=2, default=float) + "\n"
     atomic_write_text(cfg.run_dir / "study.json", text)
