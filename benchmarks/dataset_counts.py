@@ -2,8 +2,7 @@
 published files as they are (MovieLens-100K: 100,000 / 943 / 1,682; Gowalla, LightGCN split, train + test:
 1,027,370 / 29,858 / 40,981).
 
-    python benchmarks/dataset_counts.py                      # reads ../shared/data relative to the repository
-    python benchmarks/dataset_counts.py --data-root /data    # or another folder holding ml-100k/ and gowalla/
+    python benchmarks/dataset_counts.py --data-root DATA    # DATA: the folder holding ml-100k/ and gowalla/
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from kdray.config import DataConfig
 from kdray.data.readers import load_raw
 from kdray.errors import DataError
 
-REPO = Path(__file__).resolve().parent.parent
 DATASETS = {  # folder -> the config that reads it
     "ml-100k": dict(source="ml-100k", side_features=True),
     "gowalla": dict(source="lightgcn", split="given"),
@@ -37,8 +35,7 @@ def count(cfg: DataConfig) -> dict[str, float]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data",
-                        help="folder holding ml-100k/ and gowalla/ (default: ../shared/data next to the repository)")
+    parser.add_argument("--data-root", type=Path, required=True, help="folder holding ml-100k/ and gowalla/")
     args = parser.parse_args(argv)
     missing = 0
     print(f"{'data set':<10} {'interactions':>13} {'users':>8} {'items':>8} {'load s':>7}")

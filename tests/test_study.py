@@ -147,8 +147,9 @@ def _write_results(tmp_path: Path, *studies: dict) -> Path:
 
 def test_report_script_writes_the_tables_between_the_markers_and_the_frontier(tmp_path):
     report = _load_report_script()
-    results = _write_results(tmp_path, _result(8, 400, [0.20, 0.22, 0.24], [0.26, 0.27, 0.28]),
-                             _result(4, 200, [0.10, 0.10, 0.10], [0.10, 0.11, 0.12]))
+    d4 = _result(4, 200, [0.10, 0.10, 0.10], [0.10, 0.11, 0.12])
+    d4["command"] = "kdray study data.path=/home/me/data/ml-100k student.dim=4"
+    results = _write_results(tmp_path, _result(8, 400, [0.20, 0.22, 0.24], [0.26, 0.27, 0.28]), d4)
     bench = tmp_path / "BENCHMARKS.md"
     bench.write_text(f"# before\n\n{report.BEGIN}\nold table\n{report.END}\n\n## after\n")
     assert report.main(["--results", str(results), "--benchmarks", str(bench)]) == 0
@@ -162,6 +163,8 @@ def test_report_script_writes_the_tables_between_the_markers_and_the_frontier(tm
     # d4: gain 0.01 within 2 x 0.01
     assert "| +0.0100 | 5.0% | no | yes |" in rows[0] and "200 / 10,000 (2.0%)" in rows[0]
     assert "| distilled-rd d=8 | 400 | 0.2700 ± 0.0100 |" in text and "kdray study student.dim=8" in text
+    # the machine's data folder is not printed
+    assert "    kdray study data.path=DATA/ml-100k student.dim=4" in text and "/home/me" not in text
     import matplotlib.image
 
     assert matplotlib.image.imread(results / "toy-frontier.png").shape[0] > 300
