@@ -9,7 +9,7 @@ recovered: ``(distilled - alone) / (teacher - alone)``.
 Everything runs through kdray's own pipeline on Ray Train (one local cluster for the whole study). Usage::
 
     python benchmarks/distill_study.py --config configs/default.yaml --seeds 0 1 2 --out study.json
-    python benchmarks/distill_study.py --config configs/ml-100k.yaml data.path=../shared/data/ml-100k
+    python benchmarks/distill_study.py --config configs/ml-100k.yaml data.path=DATA/ml-100k
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Fold-in at request time: how good (ml-100k) and how fast (the in-process predictor).
 
-    python benchmarks/foldin_latency.py                      # ml-100k from ../shared/data, ~1 min on 2 cores
+    python benchmarks/foldin_latency.py --data DATA/ml-100k  # ~1 min on 2 cores
     python benchmarks/foldin_latency.py --smoke-test         # built-in synthetic data, a few seconds
 
 Quality: an MF-16 student is trained with kdray's own epoch function (full softmax, Adam, the ml-100k config's lr and
@@ -46,10 +46,9 @@ from kdray.serve.foldin import ItemSide, fold_in, item_side  # noqa: E402
 from kdray.serve.predictor import Query, Recommender  # noqa: E402
 from kdray.sparse import Csr  # noqa: E402
 from kdray.train.loop import run_epoch  # noqa: E402
-from kdray.train.objective import Objective  # noqa: E402
+from kdray.train.objective import Objective, batch_loss  # noqa: E402
 from kdray.train.shard import LocalShard  # noqa: E402
 
-DATA = REPO.parent / "shared" / "data" / "ml-100k"
 L2_GRID = (0.3, 1.0, 3.0, 10.0)
 ALS_GRID = [(alpha, lam) for alpha in (1.0, 10.0, 40.0) for lam in (0.1, 1.0, 10.0)]
 
@@ -64,8 +63,9 @@ def train_student(cfg, data: PreparedData, epochs: int) -> torch.nn.Module:
     obj = Objective.from_config(without_distillation(cfg), "student", data.n_items)
     n_steps = -(-len(shard) // t.batch_size)
     for epoch in range(epochs):
-        run_epoch(model, opt, shard.batches(t.batch_size, n_steps, np.random.default_rng(epoch)), [], obj, "cpu",
-                  None, torch.Generator().manual_seed(epoch))
+        gen = torch.Generator().manual_seed(epoch)
+        run_epoch(model, opt, shard.batches(t.batch_size, n_steps, np.random.default_rng(epoch)),
+                  lambda m, b: batch_loss(m, [], b, obj, None, gen))
     return model.eval()
 
 
@@ -134,13 +134,15 @@ def latency(rec: Recommender, user_ids: np.ndarray, items: np.ndarray, repeats: 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=DATA, help="the unpacked ml-100k folder")
+    p.add_argument("--data", type=Path, help="the unpacked ml-100k folder (not needed with --smoke-test)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--repeats", type=int, default=300)
     p.add_argument("--large-items", type=int, default=40_981, help="the large catalog's size (0: skip it)")
     p.add_argument("--smoke-test", action="store_true", help="built-in synthetic data, 2 epochs, a small grid")
     p.add_argument("--out", type=Path, default=Path("foldin_latency.json"))
     args = p.parse_args(argv)
+    if args.data is None and not args.smoke_test:
+        p.error("--data DATA/ml-100k is required (the unpacked ml-100k folder), or use --smoke-test")
     torch.set_num_threads(1)  # one Serve replica's share (serve.num_cpus = 1)
     work = Path(tempfile.mkdtemp(prefix="kdray-foldin-"))
     if args.smoke_test:

@@ -1,6 +1,6 @@
 """Time-ordered replay on ml-100k: how much do fold-in, periodic refresh and a full retrain gain over a frozen student?
 
-    python benchmarks/replay.py --data ../shared/data/ml-100k            # ~15 min on 2 cores
+    python benchmarks/replay.py --data DATA/ml-100k            # ~15 min on 2 cores
     python benchmarks/replay.py --smoke-test                             # built-in synthetic data, ~3 min
 
 u.data's ratings (every rating an interaction) are ordered by timestamp; the first 80% train a kdray run (teacher
@@ -131,7 +131,7 @@ def evaluate(rec: Recommender, chunk: pd.DataFrame, before: dict[str, list[str]]
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "ml-100k")
+    p.add_argument("--data", type=Path, help="the unpacked ml-100k folder (not needed with --smoke-test)")
     p.add_argument("--chunks", type=int, default=5)
     p.add_argument("--teacher-epochs", type=int, default=20)
     p.add_argument("--student-epochs", type=int, default=20)
@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--smoke-test", action="store_true")
     p.add_argument("--out", type=Path, default=Path("replay.json"))
     args = p.parse_args(argv)
+    if args.data is None and not args.smoke_test:
+        p.error("--data DATA/ml-100k is required (the unpacked ml-100k folder), or use --smoke-test")
     retrain_chunks = args.retrain_chunks if args.retrain_chunks is not None else [args.chunks - 1]
     torch.set_num_threads(1)
     work = args.work or Path(tempfile.mkdtemp(prefix="kdray-replay-"))

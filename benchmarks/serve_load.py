@@ -1,7 +1,7 @@
 """Bounded load test of the Serve endpoint: student vs teachers, large vs small catalog, HTTP vs in-process.
 
-    python benchmarks/serve_load.py                       # gowalla + ml-100k, 3 models, 1/8/32 clients
-    python benchmarks/serve_load.py --requests 5000 --concurrency 1 8 32
+    python benchmarks/serve_load.py --data DATA           # gowalla + ml-100k, 3 models, 1/8/32 clients
+    python benchmarks/serve_load.py --data DATA --requests 5000 --concurrency 1 8 32
     python benchmarks/serve_load.py --smoke-test          # tiny synthetic catalog, a few requests, ~30 s
 
 For each catalog and model it writes an untrained checkpoint of the real size (latency depends on the catalog, the
@@ -11,7 +11,7 @@ each, k=10, exclude_seen) from 1, 8 and 32 client threads, each with its own ``r
 p50/p99 latency, throughput, errors and the mean @serve.batch size per level, then the same request through the
 predictor in-process (the Serve overhead) and where the predictor's time goes (scoring vs masking + top-k).
 
-Catalogs come from ../shared/data (gowalla: LightGCN train.txt, 29,858 x 40,981; ml-100k: u.data, 943 x 1,682).
+Catalogs come from ``--data`` (DATA/gowalla: LightGCN train.txt, 29,858 x 40,981; DATA/ml-100k: u.data, 943 x 1,682).
 A missing folder is reported and skipped. Results go to ``--out`` as JSON and to stdout as Markdown tables.
 """
 
@@ -42,7 +42,6 @@ from kdray.models import build_model, count_parameters  # noqa: E402
 from kdray.serve.predictor import Query, Recommender  # noqa: E402
 from kdray.sparse import Csr  # noqa: E402
 
-DATA = REPO.parent / "shared" / "data"
 MODELS = {  # the issue's sizes: teachers as in configs/default.yaml and configs/gowalla.yaml, the 16-d student
     "student mf-16": {"name": "mf", "dim": 16},
     "teacher mf-256": {"name": "mf", "dim": 256},
@@ -372,6 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-wait-s", type=float, default=ServeConfig.batch_wait_timeout_s,
                    help="serve.batch_wait_timeout_s for the deployment")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "benchmarks" / "serve_load.json")
+    p.add_argument("--data", type=Path, help="folder holding gowalla/ and ml-100k/ (not needed with --smoke-test)")
     p.add_argument("--smoke-test", action="store_true", help="tiny synthetic catalog, few requests")
     p.add_argument("--report", type=Path, help="print the tables of a saved JSON result and exit")
     args = p.parse_args(argv)
@@ -384,9 +384,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         catalogs = [synthetic()]
         args.requests, args.concurrency, args.in_process_reps, args.batch_route_users = 40, [1, 4], 20, 8
     else:
+        if args.data is None:
+            p.error("--data DATA is required (the folder holding gowalla/ and ml-100k/), or use --smoke-test")
         catalogs = []
         for name in args.catalogs:
-            folder = DATA / name
+            folder = args.data / name
             if not folder.is_dir():
                 print(f"skipping {name}: {folder} does not exist", file=sys.stderr)
                 continue
