@@ -152,11 +152,11 @@ def _point_label(row: dict[str, Any]) -> str:
         f"{row['arm']} d={row['student_dim']}"
 
 
-
 def shown_command(command: str) -> str:
     """A study's recorded command as the report prints it: the data folder of the machine it ran on becomes
     ``DATA/<name>``, so that the tables name no local path to the data."""
     return re.sub(r"data\.path=(\S*/)?([^/\s]+)/?(?=\s|$)", r"data.path=DATA/\2", command)
+
 
 def block(by_dataset: dict[str, list[dict[str, Any]]], results_dir: Path) -> str:
     """The generated Markdown: per dataset its table, its frontier table and plot, and the commands."""

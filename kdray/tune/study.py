@@ -297,7 +297,7 @@ def run_study(cfg: Config, resume: bool = False, log: Callable[[str], None] = pr
     arms["teacher"], teacher_models, teacher_run = _teacher_arm(cfg, spaces["teacher"], data, resume, log)
     # the student arms distil from (and record) the tuned teacher
     base = trial_config(cfg, arms["teacher"].params, "teacher")
-    bases = {"teacher": cfg, **{a: loss_config(base, extra[a]) if a in extra else base for a in all_arms[1:]}}
+    bases = {a: loss_config(base, extra[a]) if a in extra else base for a in all_arms[1:]}
     for arm in all_arms[1:]:
         teachers = [Path(arms["teacher"].winner["checkpoint"])] if distils(arm) else []
         arms[arm] = search_arm(bases[arm], arm, arm_spaces[arm], data, teachers, resume, log)
