@@ -210,6 +210,10 @@ class StudyConfig:
     losses: Annotated[tuple[DistillLoss, ...], list_of(), rule(
         lambda ls: len(set(ls)) == len(ls) and "none" not in ls, "must be distinct distillation losses, not 'none'")] = ()
     results_dir: Str = "benchmarks/results"
+    # a trained teacher (the directory `kdray teacher` exported) as the teacher arm, instead of tuning one: for a
+    # teacher too costly to search (a LightGCN on a large catalog), or the one already in production. The student
+    # arms still get the same budget; the result records that the teacher was given, not tuned by the study.
+    teacher: Str = ""
 
 
 @section

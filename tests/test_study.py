@@ -312,6 +312,41 @@ def test_another_student_size_reuses_the_tuned_teacher_arm(study, capsys):
     assert r["student_dim"] == 2 and r["params"]["student"] < first["params"]["student"]
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_a_given_teacher_is_the_teacher_arm_of_every_seed_and_gets_no_trials(study, capsys):
+    from kdray.checkpoint import load_checkpoint
+
+    given = Path(study["result"]["teacher_run"]) / "seed-1" / "teacher"
+    before = given.joinpath("model.pt").stat().st_mtime_ns
+    capsys.readouterr()
+    args = [*study["args"], "study.dataset=tiny-given", "student.dim=2", "study.seeds=[0, 1]", f"study.teacher={given}"]
+    assert main(["study", *args]) == 0
+    out = capsys.readouterr().out
+    assert "[teacher] training on Ray Train" not in out and "[tune] teacher" not in out  # no teacher search
+    assert given.joinpath("model.pt").stat().st_mtime_ns == before
+    r = json.loads((study["tmp"] / "results" / "tiny-given-d2.json").read_text())
+    assert r["teacher_given"] is True and r["teacher_run"] == str(given.resolve())
+    assert r["budget"]["trials"] == {"teacher": 0, "alone": 1, "distilled": 1}
+    teacher = load_checkpoint(given)
+    assert r["winners"]["teacher"]["trial"] == "given"
+    assert r["valid"]["winners"]["teacher"] == pytest.approx(teacher.metrics["valid_ndcg@10"])
+    assert r["arms"]["teacher"][0] == r["arms"]["teacher"][1]  # one model for both seeds
+    run = study["tmp"] / "runs" / "study-tiny-given-d2"
+    for seed in (0, 1):
+        assert load_checkpoint(run / f"seed-{seed}" / "student").meta["lineage"]["teachers"] == [str(given.resolve())]
+    assert "the teacher was given" in out and "on validation the given teacher" in out
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_given_teacher_that_is_no_checkpoint_is_refused_naming_the_key(study, capsys, tmp_path):
+    capsys.readouterr()
+    assert main(["study", *study["args"], "study.dataset=tiny-none", f"study.teacher={tmp_path / 'nope'}"]) == 2
+    err = capsys.readouterr().err
+    assert "study.teacher:" in err and "does not exist" in err and "Traceback" not in err
+
+
 def test_a_second_study_waits_for_the_one_holding_the_shared_teacher(tmp_path):
     import threading
 

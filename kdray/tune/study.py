@@ -35,6 +35,11 @@ next sizes reuse it, or resume it if it was interrupted. A lock file there makes
 one works on the same teacher. (Studies started before the teacher was shared keep their teacher in their own
 directory, and ``--resume`` still finds it there.)
 
+A teacher too costly to search (a LightGCN on a large catalog takes half an hour a training on two cores), or the one
+already in production, can be given instead: ``study.teacher=RUN/teacher``. Then there is no teacher search: every
+seed's distilled student distils from that one model, the student arms still get the same budget as each other, and
+the result says that the teacher was given (``teacher_given``) and got no trials of the study's budget.
+
 Everything else lives in one run directory per size, ``RUNS_DIR/study-<dataset>-d<dim>``: ``tune/`` (the student
 searches), ``seed-S/`` (the retrained students, reused by their stage key) and ``study.json``. ``--resume`` restores
 interrupted searches with Tune and reuses every finished model; the result also goes to
@@ -160,7 +165,9 @@ def study_spaces(cfg: Config) -> dict[str, dict[str, dict[str, Any]]]:
 
 def _key(cfg: Config, spaces: dict[str, Any]) -> str:
     """What the searches depend on (seeds, resources and concurrency may change on --resume)."""
+    given = {"given_teacher": stage_key(cfg.study.teacher)} if cfg.study.teacher else {}
     return fingerprint({"spaces": spaces, "num_samples": cfg.tune.num_samples, "searcher": cfg.tune.searcher,
+                        **given,
                         "grace_period": cfg.tune.grace_period, "reduction_factor": cfg.tune.reduction_factor,
                         **{s: to_dict(getattr(cfg, s)) for s in ("data", "teacher", "teacher_train", "student",
                                                                    "student_train", "distill", "eval")}})
@@ -243,6 +250,37 @@ def _teacher_arm(cfg: Config, space: dict[str, Any], data: Any, resume: bool,
     return result, models, home.run_dir
 
 
+def given_teacher(cfg: Config, data: Any, log: Callable[[str], None]) -> tuple[Config, ArmResult]:
+    """``study.teacher``: a trained teacher as the teacher arm, searched by no one here. Returns ``cfg`` with the
+    teacher's own ``teacher`` and ``teacher_train`` sections (so the study's records name the real teacher) and the
+    arm, whose winner is that checkpoint. ConfigError naming ``study.teacher`` for anything that cannot be it."""
+    from kdray.checkpoint import check_matches_data
+    from kdray.errors import CheckpointError
+
+    path = Path(cfg.study.teacher).expanduser().resolve()
+    try:
+        ckpt = load_checkpoint(path)
+        check_matches_data(ckpt, data)
+    except CheckpointError as e:
+        raise ConfigError(f"study.teacher: {e}") from None
+    valid_key = f"valid_{cfg.select_metric}"
+    if ckpt.pointwise or valid_key not in ckpt.metrics:
+        raise ConfigError(f"study.teacher: {path} has no {valid_key} in its metrics.json (a ranking model trained "
+                          f"and validated with eval.metric={cfg.eval.metric}, eval.k={cfg.eval.k}); the study "
+                          "compares the teacher with the student alone on validation by it")
+    sections = {f"{section}.{k}": v for section in ("teacher", "teacher_train")
+                for k, v in ckpt.config.get(section, {}).items()}
+    try:
+        cfg = replace(cfg, **sections)
+    except ConfigError as e:
+        raise ConfigError(f"study.teacher: {path}/config.json: {e}") from None
+    n_params = int(ckpt.metrics.get("n_params") or sum(p.numel() for p in ckpt.model.parameters()))
+    winner = {"trial": "given", "checkpoint": str(path), "n_params": n_params, valid_key: ckpt.metrics[valid_key]}
+    log(f"[study] teacher: given ({path}), {cfg.teacher.name}-{cfg.teacher.dim}, {n_params:,} parameters, valid "
+        f"{cfg.select_metric} {winner[valid_key]:.4f}; not tuned by this study")
+    return cfg, ArmResult(rows=[], winner=winner, params={})
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The study.
 
@@ -287,6 +325,8 @@ def run_study(cfg: Config, resume: bool = False, log: Callable[[str], None] = pr
     _searcher(cfg, metric)  # the optional package is there
     check_resources(cfg)
     data = prepare_data(cfg)
+    if cfg.study.teacher:
+        cfg, given = given_teacher(cfg, data, log)
     _check_state(cfg, spaces, resume)
     write_resolved_config(cfg)
 
@@ -294,7 +334,11 @@ def run_study(cfg: Config, resume: bool = False, log: Callable[[str], None] = pr
     all_arms = (*STUDY_ARMS, *extra)
     arm_spaces = {**spaces, **dict.fromkeys(extra, spaces["distilled"])}
     arms: dict[str, ArmResult] = {}
-    arms["teacher"], teacher_models, teacher_run = _teacher_arm(cfg, spaces["teacher"], data, resume, log)
+    if cfg.study.teacher:  # one given model: every seed's student distils from it
+        arms["teacher"], teacher_run = given, Path(given.winner["checkpoint"])
+        teacher_models = dict.fromkeys(cfg.study.seeds, teacher_run)
+    else:
+        arms["teacher"], teacher_models, teacher_run = _teacher_arm(cfg, spaces["teacher"], data, resume, log)
     # the student arms distil from (and record) the tuned teacher
     base = trial_config(cfg, arms["teacher"].params, "teacher")
     bases = {a: loss_config(base, extra[a]) if a in extra else base for a in all_arms[1:]}
@@ -344,7 +388,10 @@ def run_study(cfg: Config, resume: bool = False, log: Callable[[str], None] = pr
                           "summary": compare(scores[test_key]["teacher"], scores[test_key]["alone"],
                                              scores[test_key][arm])}
                    for arm, loss in extra.items()},
-        "budget": {"trials": {arm: arm_trials(cfg, arm_spaces[arm], arm) for arm in all_arms},
+        # a given teacher (study.teacher) got none of the study's trials
+        "teacher_given": bool(cfg.study.teacher),
+        "budget": {"trials": {arm: 0 if arm == "teacher" and cfg.study.teacher
+                              else arm_trials(cfg, arm_spaces[arm], arm) for arm in all_arms},
                    "completed": {arm: _count(arms[arm], "completed") for arm in all_arms},
                    "stopped_early": {arm: _count(arms[arm], "stopped early") for arm in all_arms},
                    "scheduler": {"name": "ASHA", "grace_period": cfg.tune.grace_period,
@@ -382,10 +429,14 @@ def verdict(result: dict[str, Any]) -> list[str]:
         lines.append(f"distilled with {loss}: {metric} {ls['mean']['distilled']:.4f} ± {ls['std']['distilled']:.4f}; "
                      + _gain_line("gain", ls))
     v = result["valid"]["winners"]
+    if result.get("teacher_given"):
+        lines.append(f"the teacher was given ({result['teacher_run']}), not tuned by the study; the student arms had "
+                     "the same budget")
+    teacher = "the given teacher" if result.get("teacher_given") else "the tuned teacher"
     if not result["teacher_beats_alone_on_valid"]:
-        lines.append(f"the tuned teacher does NOT beat the tuned student alone on validation ({v['teacher']:.4f} vs "
+        lines.append(f"{teacher} does NOT beat the tuned student alone on validation ({v['teacher']:.4f} vs "
                      f"{v['alone']:.4f}): distillation cannot be expected to help here")
     else:
-        lines.append(f"on validation the tuned teacher beats the tuned student alone ({v['teacher']:.4f} vs "
+        lines.append(f"on validation {teacher} beats the tuned student alone ({v['teacher']:.4f} vs "
                      f"{v['alone']:.4f})")
     return lines
