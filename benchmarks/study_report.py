@@ -51,6 +51,11 @@ def main_loss(result: dict[str, Any]) -> str:
     return result.get("loss", "rd")
 
 
+def given(result: dict[str, Any]) -> bool:
+    """Whether the study's teacher was given (``study.teacher``) rather than tuned by the study."""
+    return bool(result.get("teacher_given"))
+
+
 def _pm(mean: float, std: float) -> str:
     return f"{mean:.4f}" if not math.isfinite(std) else f"{mean:.4f} ± {std:.4f}"
 
@@ -65,10 +70,12 @@ def dataset_table(results: list[dict[str, Any]]) -> str:
         c = compare(r["arms"]["teacher"], r["arms"]["alone"], r["arms"]["distilled"])
         p = r["params"]
         recovered = "no gap" if c["gap_recovered"] is None else f"{c['gap_recovered']:.1%}"
-        trials = sorted(set(r["budget"]["trials"].values()))
+        # a given teacher (study.teacher) had none of the study's trials: the student arms' budget is the one shown
+        trials = sorted({n for arm, n in r["budget"]["trials"].items() if arm != "teacher" or not given(r)})
+        teacher = _pm(c["mean"]["teacher"], c["std"]["teacher"]) + (" (given)" if given(r) else "")
         lines.append(
             f"| {r['student_dim']} | {p['student']:,} / {p['teacher']:,} ({p['student'] / p['teacher']:.1%}) | "
-            f"{_pm(c['mean']['teacher'], c['std']['teacher'])} | {_pm(c['mean']['alone'], c['std']['alone'])} | "
+            f"{teacher} | {_pm(c['mean']['alone'], c['std']['alone'])} | "
             f"{_pm(c['mean']['distilled'], c['std']['distilled'])} | {main_loss(r)} | {c['gain']:+.4f} | "
             f"{recovered} | "
             f"{'yes' if c['significant'] else 'no'} | {'yes' if r['teacher_beats_alone_on_valid'] else '**no**'} | "
@@ -110,7 +117,7 @@ def frontier_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for arm, values in arms.items():
             mean = sum(values) / len(values)
             std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-            rows.append({"arm": arm, "student_dim": r["student_dim"],
+            rows.append({"arm": arm, "student_dim": r["student_dim"], "given": arm == "teacher" and given(r),
                          "params": r["params"]["teacher" if arm == "teacher" else "student"], "mean": mean, "std": std})
     return rows
 
@@ -127,7 +134,8 @@ def frontier_plot(dataset: str, results: list[dict[str, Any]], path: Path) -> No
     lines = [("alone", "s-", "student alone (tuned)"),
              *((arm, "o^vD<>"[i % 6] + "-", f"distilled, {arm.split('-', 1)[1]} (tuned)")
                for i, arm in enumerate(distilled)),
-             ("teacher", "*", "teacher (tuned)")]
+             ("teacher", "*", "teacher (given)" if all(r["given"] for r in rows if r["arm"] == "teacher")
+              else "teacher (tuned)")]
     for arm, style, label in lines:
         pts = sorted((r["params"], r["mean"], r["std"]) for r in rows if r["arm"] == arm)
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt=style, capsize=3,
@@ -148,14 +156,16 @@ def frontier_plot(dataset: str, results: list[dict[str, Any]], path: Path) -> No
 
 
 def _point_label(row: dict[str, Any]) -> str:
-    return f"teacher (study d={row['student_dim']})" if row["arm"] == "teacher" else \
-        f"{row['arm']} d={row['student_dim']}"
+    if row["arm"] == "teacher":
+        return f"teacher ({'given, ' if row['given'] else ''}study d={row['student_dim']})"
+    return f"{row['arm']} d={row['student_dim']}"
 
 
 def shown_command(command: str) -> str:
     """A study's recorded command as the report prints it: the data folder of the machine it ran on becomes
     ``DATA/<name>``, so that the tables name no local path to the data."""
-    return re.sub(r"data\.path=(\S*/)?([^/\s]+)/?(?=\s|$)", r"data.path=DATA/\2", command)
+    command = re.sub(r"data\.path=(\S*/)?([^/\s]+)/?(?=\s|$)", r"data.path=DATA/\2", command)
+    return re.sub(r"study\.teacher=\S+", "study.teacher=TEACHER", command)
 
 
 def block(by_dataset: dict[str, list[dict[str, Any]]], results_dir: Path) -> str:
@@ -181,6 +191,9 @@ def block(by_dataset: dict[str, list[dict[str, Any]]], results_dir: Path) -> str
         commands = [shown_command(r["command"]) for r in results if r.get("command")]
         if any("DATA/" in c for c in commands):
             parts.append("(DATA is the folder holding the data sets.)\n")
+        if any("study.teacher=TEACHER" in c for c in commands):
+            parts.append("(TEACHER is the given teacher's checkpoint directory, `RUN/teacher` of its `kdray teacher` "
+                         "run; the section above gives that run's command.)\n")
         parts += [f"    {c}" for c in commands]
     parts.append(END)
     return "\n".join(parts) + "\n"
