@@ -354,11 +354,20 @@ def test_a_given_teacher_is_the_teacher_arm_of_every_seed_and_gets_no_trials(stu
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_a_given_teacher_that_is_no_checkpoint_is_refused_naming_the_key(study, capsys, tmp_path):
+@pytest.mark.parametrize("teacher, extra, message", [
+    ("nope", [], "does not exist"),
+    # the same catalog split another way: the teacher may have trained on the study's test items
+    ("seed-0/teacher", ["data.split_ratios=[0.7, 0.15, 0.15]"], "was trained on another training split"),
+], ids=["no-checkpoint", "other-split"])
+def test_a_given_teacher_that_cannot_be_the_teacher_arm_is_refused_naming_the_key(study, capsys, teacher, extra,
+                                                                                  message):
+    home = Path(study["result"]["teacher_run"])
     capsys.readouterr()
-    assert main(["study", *study["args"], "study.dataset=tiny-none", f"study.teacher={tmp_path / 'nope'}"]) == 2
+    args = [*study["args"], *extra, "study.dataset=tiny-refused", f"study.teacher={home / teacher}"]
+    assert main(["study", *args]) == 2
     err = capsys.readouterr().err
-    assert "study.teacher:" in err and "does not exist" in err and "Traceback" not in err
+    assert "study.teacher:" in err and message in err and "Traceback" not in err
+    assert not (study["tmp"] / "results" / "tiny-refused-d4.json").exists()
 
 
 def test_a_second_study_waits_for_the_one_holding_the_shared_teacher(tmp_path):

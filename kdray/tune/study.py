@@ -60,6 +60,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from kdray.checkpoint import load_checkpoint, stage_key
 from kdray.config import TOP_K_ORDER_LOSSES, Config, fingerprint, replace, to_dict
 from kdray.errors import ConfigError, KdrayError
@@ -263,6 +265,12 @@ def given_teacher(cfg: Config, data: Any, log: Callable[[str], None]) -> tuple[C
         check_matches_data(ckpt, data)
     except CheckpointError as e:
         raise ConfigError(f"study.teacher: {e}") from None
+    seen, train = ckpt.vocab.seen, data.train
+    if not (np.array_equal(seen.indptr, train.indptr) and np.array_equal(seen.indices, train.indices)):
+        # another split of the same catalog: the teacher may have trained on the study's validation or test items
+        raise ConfigError(f"study.teacher: {path} was trained on another training split than the study's data "
+                          f"({seen.indices.size:,} training interactions against {train.indices.size:,}); train the "
+                          "teacher with the study's data settings (data.*)")
     valid_key = f"valid_{cfg.select_metric}"
     if ckpt.pointwise or valid_key not in ckpt.metrics:
         raise ConfigError(f"study.teacher: {path} has no {valid_key} in its metrics.json (a ranking model trained "
@@ -271,7 +279,7 @@ def given_teacher(cfg: Config, data: Any, log: Callable[[str], None]) -> tuple[C
     sections = {f"{section}.{k}": v for section in ("teacher", "teacher_train")
                 for k, v in ckpt.config.get(section, {}).items()}
     try:
-        cfg = replace(cfg, **sections)
+        cfg = replace(cfg, **sections, **{"study.teacher": str(path)})
     except ConfigError as e:
         raise ConfigError(f"study.teacher: {path}/config.json: {e}") from None
     n_params = int(ckpt.metrics.get("n_params") or sum(p.numel() for p in ckpt.model.parameters()))
