@@ -265,17 +265,17 @@ def given_teacher(cfg: Config, data: Any, log: Callable[[str], None]) -> tuple[C
         check_matches_data(ckpt, data)
     except CheckpointError as e:
         raise ConfigError(f"study.teacher: {e}") from None
+    valid_key = f"valid_{cfg.select_metric}"
+    if ckpt.pointwise or valid_key not in ckpt.metrics:
+        raise ConfigError(f"study.teacher: {path} has no {valid_key} in its metrics.json (a ranking model trained "
+                          f"and validated with eval.metric={cfg.eval.metric}, eval.k={cfg.eval.k}); the study "
+                          "compares the teacher with the student alone on validation by it")
     seen, train = ckpt.vocab.seen, data.train
     if not (np.array_equal(seen.indptr, train.indptr) and np.array_equal(seen.indices, train.indices)):
         # another split of the same catalog: the teacher may have trained on the study's validation or test items
         raise ConfigError(f"study.teacher: {path} was trained on another training split than the study's data "
                           f"({seen.indices.size:,} training interactions against {train.indices.size:,}); train the "
                           "teacher with the study's data settings (data.*)")
-    valid_key = f"valid_{cfg.select_metric}"
-    if ckpt.pointwise or valid_key not in ckpt.metrics:
-        raise ConfigError(f"study.teacher: {path} has no {valid_key} in its metrics.json (a ranking model trained "
-                          f"and validated with eval.metric={cfg.eval.metric}, eval.k={cfg.eval.k}); the study "
-                          "compares the teacher with the student alone on validation by it")
     sections = {f"{section}.{k}": v for section in ("teacher", "teacher_train")
                 for k, v in ckpt.config.get(section, {}).items()}
     try:
