@@ -257,6 +257,16 @@ def check_matches_data(ckpt: Checkpoint, data: PreparedData) -> None:
         raise CheckpointError(f"checkpoint {teacher_dir} uses different user/item ids than the data in {data.path}")
 
 
+def check_same_training_split(ckpt: Checkpoint, data: PreparedData) -> None:
+    """A checkpoint of the same catalog must also have trained on ``data``'s own training split: one trained on
+    another split of it may have seen ``data``'s validation or test items."""
+    seen, train = ckpt.vocab.seen, data.train
+    if not (np.array_equal(seen.indptr, train.indptr) and np.array_equal(seen.indices, train.indices)):
+        raise CheckpointError(f"{ckpt.path} was trained on another training split than the data's "
+                              f"({seen.indices.size:,} training interactions against {train.indices.size:,}); train "
+                              "it with the same data settings (data.*)")
+
+
 def is_complete(directory: str | Path) -> bool:
     """Whether ``directory`` holds every required file of an exported checkpoint (no file is read)."""
     return all((Path(directory) / name).is_file() for name in REQUIRED)

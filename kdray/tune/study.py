@@ -60,11 +60,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from kdray.checkpoint import load_checkpoint, stage_key
+from kdray.checkpoint import check_matches_data, check_same_training_split, load_checkpoint, stage_key
 from kdray.config import TOP_K_ORDER_LOSSES, Config, fingerprint, replace, to_dict
-from kdray.errors import ConfigError, KdrayError
+from kdray.errors import CheckpointError, ConfigError, KdrayError
 from kdray.layout import RunLayout, atomic_replace_dir, atomic_write_text
 from kdray.tune.asha import grace_period
 from kdray.tune.space import (
@@ -256,26 +254,18 @@ def given_teacher(cfg: Config, data: Any, log: Callable[[str], None]) -> tuple[C
     """``study.teacher``: a trained teacher as the teacher arm, searched by no one here. Returns ``cfg`` with the
     teacher's own ``teacher`` and ``teacher_train`` sections (so the study's records name the real teacher) and the
     arm, whose winner is that checkpoint. ConfigError naming ``study.teacher`` for anything that cannot be it."""
-    from kdray.checkpoint import check_matches_data
-    from kdray.errors import CheckpointError
-
     path = Path(cfg.study.teacher).expanduser().resolve()
+    valid_key = f"valid_{cfg.select_metric}"
     try:
         ckpt = load_checkpoint(path)
         check_matches_data(ckpt, data)
+        if ckpt.pointwise or valid_key not in ckpt.metrics:
+            raise ConfigError(f"study.teacher: {path} has no {valid_key} in its metrics.json (a ranking model "
+                              f"trained and validated with eval.metric={cfg.eval.metric}, eval.k={cfg.eval.k}); the "
+                              "study compares the teacher with the student alone on validation by it")
+        check_same_training_split(ckpt, data)
     except CheckpointError as e:
         raise ConfigError(f"study.teacher: {e}") from None
-    valid_key = f"valid_{cfg.select_metric}"
-    if ckpt.pointwise or valid_key not in ckpt.metrics:
-        raise ConfigError(f"study.teacher: {path} has no {valid_key} in its metrics.json (a ranking model trained "
-                          f"and validated with eval.metric={cfg.eval.metric}, eval.k={cfg.eval.k}); the study "
-                          "compares the teacher with the student alone on validation by it")
-    seen, train = ckpt.vocab.seen, data.train
-    if not (np.array_equal(seen.indptr, train.indptr) and np.array_equal(seen.indices, train.indices)):
-        # another split of the same catalog: the teacher may have trained on the study's validation or test items
-        raise ConfigError(f"study.teacher: {path} was trained on another training split than the study's data "
-                          f"({seen.indices.size:,} training interactions against {train.indices.size:,}); train the "
-                          "teacher with the study's data settings (data.*)")
     sections = {f"{section}.{k}": v for section in ("teacher", "teacher_train")
                 for k, v in ckpt.config.get(section, {}).items()}
     try:
