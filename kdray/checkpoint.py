@@ -267,6 +267,27 @@ def check_same_training_split(ckpt: Checkpoint, data: PreparedData) -> None:
                               "it with the same data settings (data.*)")
 
 
+def check_trained_within(ckpt: Checkpoint, data: PreparedData) -> None:
+    """A teacher of the same catalog must not have trained on any pair outside ``data``'s training split: such a
+    pair may be one of ``data``'s validation or test items, and a student distilled from that teacher would be
+    picked and scored on what its teacher was shown. A teacher trained on fewer pairs (an earlier version of a run
+    that ``kdray update`` has since grown) is fine."""
+    seen, train = ckpt.vocab.seen, data.train
+    outside = ~np.isin(_pair_codes(seen), _pair_codes(train))
+    if outside.any():
+        first = int(np.flatnonzero(outside)[0])
+        user = int(np.searchsorted(seen.indptr, first, side="right") - 1)
+        raise CheckpointError(
+            f"{ckpt.path} was trained on {int(outside.sum()):,} (user, item) pairs that are not in the data's training "
+            f"split (the first: user '{data.user_ids[user]}', item '{data.item_ids[seen.indices[first]]}'); they may "
+            "be validation or test pairs here. Train the teacher with the same data settings (data.*)")
+
+
+def _pair_codes(m: Csr) -> np.ndarray:
+    rows = np.repeat(np.arange(m.n_rows, dtype=np.int64), np.diff(m.indptr))
+    return rows * m.n_cols + m.indices.astype(np.int64)
+
+
 def is_complete(directory: str | Path) -> bool:
     """Whether ``directory`` holds every required file of an exported checkpoint (no file is read)."""
     return all((Path(directory) / name).is_file() for name in REQUIRED)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from kdray.checkpoint import (CONFIG, META, MODEL, VOCAB, WEIGHTS, Vocab, load_checkpoint, save_checkpoint,
-                              update_metrics)
+from kdray.checkpoint import (CONFIG, META, MODEL, VOCAB, WEIGHTS, Vocab, check_trained_within, load_checkpoint,
+                              save_checkpoint, update_metrics)
 from kdray.errors import CheckpointError
 from kdray.models import build_model
 from kdray.sparse import Csr
@@ -59,6 +59,25 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         _save(tmp_path / "ckpt", model=nan_model)
     assert load_checkpoint(tmp_path / "ckpt").args["name"] == "two_tower"  # the old one is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_teacher_may_have_trained_only_on_the_datas_training_pairs(tmp_path):
+    """Its pairs (0,1), (0,6), (3,2) inside a larger training split: fine (an updated run's teacher). One of them
+    outside it (here: held out as validation or test): refused, naming that pair by its raw ids."""
+    from types import SimpleNamespace
+
+    _save(tmp_path / "ckpt")
+    ckpt = load_checkpoint(tmp_path / "ckpt")
+    vocab = _vocab()
+
+    def data(users, items):
+        return SimpleNamespace(train=Csr.from_pairs(np.array(users), np.array(items), 5, 7),
+                               user_ids=vocab.user_ids, item_ids=vocab.item_ids)
+
+    check_trained_within(ckpt, data([0, 0, 3], [1, 6, 2]))
+    check_trained_within(ckpt, data([0, 0, 1, 3, 4], [1, 6, 1, 2, 0]))
+    with pytest.raises(CheckpointError, match=r"1 \(user, item\) pairs .* user 'u3', item 'i2'"):
+        check_trained_within(ckpt, data([0, 0, 3, 4], [1, 6, 5, 2]))
 
 
 def test_update_metrics_merges(tmp_path):

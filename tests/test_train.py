@@ -82,6 +82,20 @@ def test_student_distils_without_touching_the_teacher(trained, extra):
     assert ckpt.model.n_items == data.n_items
 
 
+def test_a_teacher_trained_on_another_split_of_the_catalog_is_refused(trained):
+    """Same users and items, another split: the teacher trained on some of this split's validation and test pairs,
+    so a student distilled from it would be picked and scored on what its teacher saw."""
+    from kdray.errors import CheckpointError
+
+    cfg, _, teacher = trained
+    other_cfg = tiny(Path(cfg.runs_dir) / "other-split", "data.split_ratios=[0.7, 0.15, 0.15]")
+    other = prepare_data(other_cfg)
+    out_dir = other_cfg.run_dir / "student"
+    with pytest.raises(CheckpointError, match="not in the data's training split"):
+        train_model(other_cfg, "student", other, out_dir=out_dir, name="other-split", teachers=[teacher.checkpoint])
+    assert not out_dir.exists()
+
+
 def test_student_alone_has_no_distillation_term(trained):
     cfg, data, _ = trained
     control = without_distillation(cfg)

@@ -16,6 +16,7 @@ import torch
 from kdray.checkpoint import (
     Vocab,
     check_matches_data,
+    check_trained_within,
     load_checkpoint,
     read_epoch_model,
     read_epoch_state,
@@ -97,6 +98,7 @@ def _ranking_setup(cfg: Config, role: str, data: PreparedData, teachers: Sequenc
     teacher_ckpts = [load_checkpoint(p) for p in teachers] if uses_teacher else []
     for ckpt in teacher_ckpts:
         check_matches_data(ckpt, data)
+        check_trained_within(ckpt, data)
 
     dataset = training_rows(data.path / TRAIN_BY_USER)
     teacher_refs = [ray.put(model_state(c.model)) for c in teacher_ckpts] if objective.distilling else []
