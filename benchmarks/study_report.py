@@ -163,8 +163,10 @@ def _point_label(row: dict[str, Any]) -> str:
 
 def shown_command(command: str) -> str:
     """A study's recorded command as the report prints it: the data folder of the machine it ran on becomes
-    ``DATA/<name>``, so that the tables name no local path to the data."""
+    ``DATA/<name>``, a given teacher ``TEACHER``, and where that machine put its runs and results (``runs_dir``,
+    ``study.results_dir``, which change no number) is left out, so that the tables name no local path."""
     command = re.sub(r"data\.path=(\S*/)?([^/\s]+)/?(?=\s|$)", r"data.path=DATA/\2", command)
+    command = re.sub(r"\s+(runs_dir|study\.results_dir)=\S+", "", command)
     return re.sub(r"study\.teacher=\S+", "study.teacher=TEACHER", command)
 
 

@@ -176,7 +176,8 @@ def test_report_script_writes_the_tables_between_the_markers_and_the_frontier(tm
 def test_report_script_marks_a_given_teacher_and_shows_the_student_arms_budget(tmp_path):
     report = _load_report_script()
     d4 = _result(4, 200, [0.10, 0.10, 0.10], [0.20, 0.21, 0.22])
-    d4.update(teacher_given=True, command="kdray study data.path=/x/gowalla study.teacher=/x/runs/lgcn/teacher")
+    d4.update(teacher_given=True, command="kdray study data.path=/x/gowalla study.teacher=/x/runs/lgcn/teacher "
+                                          "runs_dir=/x/runs study.results_dir=/x/results student.dim=4")
     d4["budget"]["trials"] = {"teacher": 0, "alone": 4, "distilled": 4}
     results = _write_results(tmp_path, d4)
     bench = tmp_path / "BENCHMARKS.md"
@@ -184,7 +185,7 @@ def test_report_script_marks_a_given_teacher_and_shows_the_student_arms_budget(t
     text = bench.read_text()
     assert "| 0.3000 ± 0.0000 (given) | 0.1000 ± 0.0000 |" in text and "| 3 | 4 | 20 |" in text
     assert "| teacher (given, study d=4) | 10,000 |" in text
-    assert "study.teacher=TEACHER" in text and "/x/" not in text
+    assert "    kdray study data.path=DATA/gowalla study.teacher=TEACHER student.dim=4\n" in text and "/x" not in text
 
 
 def test_report_script_compares_the_losses_of_a_study_with_extra_losses(tmp_path):
