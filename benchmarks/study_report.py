@@ -182,7 +182,11 @@ def block(by_dataset: dict[str, list[dict[str, Any]]], results_dir: Path) -> str
             png = (results_dir / f"{dataset}-frontier.png").resolve().relative_to(ROOT)
         except ValueError:
             png = results_dir / f"{dataset}-frontier.png"
-        frontier_intro = "\nThe compression frontier (every point tuned with the same budget):\n"
+        # the arms of one size always share a budget; sizes of one data set need not (a costly data set's studies)
+        budgets = {(r["budget"]["trials"]["alone"], r["budget"].get("epochs")) for r in results}
+        frontier_intro = ("\nThe compression frontier (every point tuned with the same budget):\n" if len(budgets) == 1
+                          else "\nThe compression frontier (the two student arms of each size tuned with the same "
+                               "budget; the sizes' budgets differ, see the table's trials per arm):\n")
         parts += [f"\n### {dataset}\n", dataset_table(results)]
         losses = losses_table(results)
         if losses:

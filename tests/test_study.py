@@ -163,6 +163,7 @@ def test_report_script_writes_the_tables_between_the_markers_and_the_frontier(tm
     # d4: gain 0.01 within 2 x 0.01
     assert "| +0.0100 | 5.0% | no | yes |" in rows[0] and "200 / 10,000 (2.0%)" in rows[0]
     assert "| distilled-rd d=8 | 400 | 0.2700 ± 0.0100 |" in text and "kdray study student.dim=8" in text
+    assert "The compression frontier (every point tuned with the same budget):" in text  # 8 trials at both sizes
     # the machine's data folder is not printed
     assert "    kdray study data.path=DATA/ml-100k student.dim=4" in text and "/home/me" not in text
     import matplotlib.image
@@ -186,6 +187,20 @@ def test_report_script_marks_a_given_teacher_and_shows_the_student_arms_budget(t
     assert "| 0.3000 ± 0.0000 (given) | 0.1000 ± 0.0000 |" in text and "| 3 | 4 | 20 |" in text
     assert "| teacher (given, study d=4) | 10,000 |" in text
     assert "    kdray study data.path=DATA/gowalla study.teacher=TEACHER student.dim=4\n" in text and "/x" not in text
+
+
+def test_report_script_says_when_the_sizes_of_one_data_set_had_different_budgets(tmp_path):
+    report = _load_report_script()
+    d12 = _result(12, 600, [0.20, 0.20, 0.20], [0.25, 0.25, 0.25])
+    d12.update(teacher_given=True)  # as on Gowalla: too costly to search the teacher, so fewer student trials too
+    d12["budget"]["trials"] = {"teacher": 0, "alone": 2, "distilled": 2}
+    results = _write_results(tmp_path, _result(8, 400, [0.20, 0.22, 0.24], [0.26, 0.27, 0.28]), d12)
+    bench = tmp_path / "BENCHMARKS.md"
+    assert report.main(["--results", str(results), "--benchmarks", str(bench)]) == 0
+    text = bench.read_text()
+    assert "every point tuned with the same budget" not in text
+    assert "the two student arms of each size tuned with the same budget; the sizes' budgets differ" in text
+    assert "| 3 | 8 | 40 |" in text and "| 3 | 2 | 60 |" in text  # each size's trials per arm and ASHA grace
 
 
 def test_report_script_compares_the_losses_of_a_study_with_extra_losses(tmp_path):
