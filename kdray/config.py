@@ -300,6 +300,12 @@ class Config:
         return Path(self.runs_dir).expanduser() / self.name
 
     @property
+    def has_validation(self) -> bool:
+        """Whether the data has a validation split: ``split='loo'`` always holds one out, the ratio splits when
+        ``data.split_ratios[1]`` is non-zero. Without one every model keeps its last epoch."""
+        return self.data.split == "loo" or self.data.split_ratios[1] > 0
+
+    @property
     def select_metric(self) -> str:
         """The validation metric used for early stopping, best checkpoints and Tune, e.g. ``ndcg@10`` (``auc`` for
         the pointwise task)."""
@@ -314,6 +320,19 @@ class Config:
         _check(abs(sum(ratios) - 1.0) < 1e-6, f"data.split_ratios: {ratios} must sum to 1, they sum to {sum(ratios):g}")
         _check(ratios[0] > 0 and (ratios[2] > 0 or d.split == "given"),
                f"data.split_ratios: {ratios} needs a non-zero train and test fraction")
+        if not self.has_validation:
+            # Early stopping, best-epoch selection and every search read the validation split; without one the last
+            # epoch is kept, so the epoch count must be chosen beforehand (e.g. on a run with validation, then refit).
+            _check(self.task == "ranking", f"data.split_ratios: {ratios} leaves no validation split, which "
+                                           "task='pointwise' needs; give the second ratio a non-zero fraction")
+            late = [f"{r}_train.patience (now {getattr(self, r + '_train').patience})" for r in ("teacher", "student")
+                    if getattr(self, r + "_train").patience > 0]
+            _check(not late, f"data.split_ratios: {ratios} leaves no validation split, so nothing can stop training "
+                             f"early or pick its best epoch; set {' and '.join(late)} to 0 (each model then keeps its "
+                             "last epoch), or give the second ratio a non-zero fraction")
+            _check(not self.teacher_search.enabled,
+                   f"data.split_ratios: {ratios} leaves no validation split for the teacher search to pick on; set "
+                   "teacher_search.enabled=false, or give the second ratio a non-zero fraction")
         if d.source == "synthetic":
             _check(d.path is None, "data.path: the synthetic source reads no files; leave data.path empty")
             _check(d.n_interactions <= d.n_users * d.n_items,

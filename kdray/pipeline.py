@@ -152,8 +152,10 @@ def run_pipeline(cfg: Config, log=print, on_epoch: OnEpoch | None = None) -> Run
                         "valid": data.valid.nnz, "test": data.test.nnz}}
     atomic_write_text(layout.metrics, json.dumps(summary, indent=2) + "\n")
     learning_curves(histories, cfg.select_metric, layout.learning_curves)
-    note = teacher_note(cfg.select_metric, [r[f"valid_{cfg.select_metric}"] for r in rows[:len(teachers)]],
-                        rows[-1][f"valid_{cfg.select_metric}"])
+    note = (teacher_note(cfg.select_metric, [r[f"valid_{cfg.select_metric}"] for r in rows[:len(teachers)]],
+                         rows[-1][f"valid_{cfg.select_metric}"]) if cfg.has_validation else
+            "No validation split (data.split_ratios): every model is its last epoch, and the teacher was not "
+            "compared with the student alone before distilling.")
     table = format_table(rows) + (f"\n\n{note}" if note else "")
     atomic_write_text(layout.report, _report(cfg, data, table, seconds))
     log("\n" + table)
@@ -176,6 +178,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def _report(cfg: Config, data: PreparedData, table: str, seconds: float) -> str:
     d = cfg.distill
     curves = RunLayout(cfg.run_dir).learning_curves.name
+    selected = (f"models selected by validation {cfg.select_metric}" if cfg.has_validation
+                else "no validation split, so each model is its last epoch")
     return (
         f"# kdray run `{cfg.name}`\n\n"
         f"Data: `{cfg.data.source}` ({data.n_users:,} users, {data.n_items:,} items; "
@@ -185,8 +189,8 @@ def _report(cfg: Config, data: PreparedData, table: str, seconds: float) -> str:
         f"{f' x {d.n_teachers} (ensemble)' if d.n_teachers > 1 else ''}. "
         f"Student: `{cfg.student.name}` dim {cfg.student.dim}. Distillation: `{d.loss}`, alpha {d.alpha}, "
         f"T {d.temperature}, top-K {d.topk}, training positives masked: {d.mask_seen}.\n\n"
-        "Test split, full-catalog ranking with each user's training and validation items masked; models selected "
-        f"by validation {cfg.select_metric}.\n\n{table}\n\n"
+        "Test split, full-catalog ranking with each user's training and validation items masked; "
+        f"{selected}.\n\n{table}\n\n"
         f"![Learning curves: validation {cfg.select_metric} per epoch of every model]({curves})\n\n"
         f"Total wall time {seconds:.0f} s.\n"
     )

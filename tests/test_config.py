@@ -211,3 +211,27 @@ def test_pointwise_mistakes_name_the_key(extra, message):
 def test_ranking_task_refuses_a_pointwise_model():
     with pytest.raises(ConfigError, match="teacher.name: 'dcnv2' is a pointwise model"):
         load_config(None, ["teacher.name=dcnv2"])
+
+
+def test_without_a_validation_split_nothing_may_read_one():
+    from kdray.tune.space import resolve_space, validate_space
+    from kdray.tune.study import study_config
+
+    no_valid = ["data.split_ratios=[0.9, 0, 0.1]"]
+    with pytest.raises(ConfigError, match=r"leaves no validation split, so nothing can stop training early.*"
+                                          r"teacher_train.patience \(now 5\) and student_train.patience \(now 10\) to 0"):
+        load_config(None, no_valid)
+    with pytest.raises(ConfigError, match=r"^data.split_ratios: .* set student_train.patience \(now 10\) to 0"):
+        load_config(None, [*no_valid, "teacher_train.patience=0"])
+    still = [*no_valid, "teacher_train.patience=0", "student_train.patience=0"]
+    with pytest.raises(ConfigError, match="no validation split for the teacher search.*teacher_search.enabled=false"):
+        load_config(None, still)
+    cfg = load_config(None, [*still, "teacher_search.enabled=false"])
+    assert not cfg.has_validation and load_config(None, []).has_validation
+    with pytest.raises(ConfigError, match="the study picks every arm's winner on validation"):
+        study_config(cfg)
+    with pytest.raises(ConfigError, match="tune picks its winner on validation"):
+        validate_space(cfg, resolve_space(cfg))
+    with pytest.raises(ConfigError, match="task='pointwise' needs"):
+        load_config(None, [*still, "teacher_search.enabled=false", "task=pointwise", "data.source=ml-100k",
+                           "data.path=/somewhere"])

@@ -167,3 +167,22 @@ def test_teacher_from_another_catalog_is_rejected(trained, tmp_path, capsys):
     args = [*TINY, "data.n_items=60", f"runs_dir={tmp_path}", "name=other"]
     assert main(["distill", "--teacher", str(teacher.checkpoint), *args]) == 2
     assert "trained on" in capsys.readouterr().err
+
+
+def test_without_a_validation_split_every_model_keeps_its_last_epoch(ray_cluster, tmp_path, capsys):
+    # e.g. a refit on all the training data for an epoch count chosen on an earlier run with validation
+    no_valid = ["data.split_ratios=[0.9, 0, 0.1]", "teacher_train.patience=0", "student_train.patience=0"]
+    assert main(["run", *TINY, *no_valid, f"runs_dir={tmp_path}", "name=novalid"]) == 0
+    run = tmp_path / "novalid"
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["data"]["valid"] == 0
+    epochs = {"teacher": 3, "student (distilled)": 2, "student (alone)": 2}
+    for row in summary["rows"]:
+        assert row["best_epoch"] == epochs[row["model"]] and row["valid_ndcg@10"] is None
+        assert 0.0 <= row["test_ndcg@10"] <= 1.0
+        history = load_checkpoint(Path(row["path"])).metrics["history"]
+        assert [h["epoch"] for h in history] == list(range(1, epochs[row["model"]] + 1))
+        assert not any("ndcg@10" in h or "best" in h for h in history)
+    assert "no validation split, so each model is its last epoch" in (run / "report.md").read_text()
+    out = capsys.readouterr().out
+    assert "(no validation split)" in out and "val ndcg@10 nan" not in out

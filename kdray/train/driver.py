@@ -25,7 +25,7 @@ from kdray.checkpoint import (
 from kdray.config import Config, to_dict
 from kdray.data.prepare import TRAIN_BY_USER, PreparedData
 from kdray.distill.teacher import TeacherTopK, model_state, pca_init_state
-from kdray.errors import KdrayError
+from kdray.errors import DataError, KdrayError
 from kdray.layout import RunLayout
 from kdray.models import RecModel, count_parameters, model_from_config
 from kdray.train.loop import (
@@ -100,6 +100,10 @@ def _ranking_setup(cfg: Config, role: str, data: PreparedData, teachers: Sequenc
         check_matches_data(ckpt, data)
         check_trained_within(ckpt, data)
 
+    if cfg.has_validation and data.valid.nnz == 0:  # else every epoch's validation metric is NaN
+        raise DataError(f"the validation split of {data.path} is empty (data.split_ratios {list(cfg.data.split_ratios)}"
+                        " gave no user a validation item): raise its second ratio, or set it to 0 to train without "
+                        "validation (patience 0, the last epoch kept)")
     dataset = training_rows(data.path / TRAIN_BY_USER)
     teacher_refs = [ray.put(model_state(c.model)) for c in teacher_ckpts] if objective.distilling else []
     if cfg.distill.cached_topk and teacher_refs:
@@ -175,8 +179,10 @@ def train_model(cfg: Config, role: str, data: Any, *, out_dir: Path, name: str,
             resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage, callbacks=list(callbacks) or None,
+            # the best epoch by the validation metric, or without a validation split the latest
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=cfg.select_metric, checkpoint_score_order="max"),
+                num_to_keep=1, checkpoint_score_attribute=cfg.select_metric, checkpoint_score_order="max")
+            if cfg.has_validation else ray.train.CheckpointConfig(num_to_keep=1),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures)),
         datasets={"train": setup.dataset},
     )
@@ -193,7 +199,10 @@ def train_model(cfg: Config, role: str, data: Any, *, out_dir: Path, name: str,
         raise NonFiniteLossError(result.metrics[FAILURE_KEY])
     if not result.best_checkpoints:
         raise KdrayError(f"{role} training reported no checkpoint (see the worker logs under {storage}/{name})")
-    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][cfg.select_metric])
+    if cfg.has_validation:
+        best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][cfg.select_metric])
+    else:
+        best_ckpt, best_metrics = result.best_checkpoints[-1]
     with result.checkpoint.as_directory() as d:
         _, _, last = read_epoch_state(Path(d))
     history = json.loads(last["history"])

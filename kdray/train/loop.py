@@ -276,18 +276,23 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             _report_failure(failure, metric, rank)
             return
         train_seconds = time.perf_counter() - t0
-        val = task.validate(core)
-        score = val[metric]
-        improved = score > best
-        best, bad_epochs = (score, 0) if improved else (best, bad_epochs + 1)
+        if cfg.has_validation:
+            val = task.validate(core)
+            score = val[metric]
+            improved = score > best
+            best, bad_epochs = (score, 0) if improved else (best, bad_epochs + 1)
+            val_text = f"val {metric} {score:.4f}{' *' if improved else ''}"
+        else:  # no validation split: the driver keeps the last epoch (the config made patience 0)
+            val, val_text = {}, "(no validation split)"
         stop = tcfg.patience > 0 and bad_epochs >= tcfg.patience
         record = {"epoch": epoch + 1, **{k: v / max(steps, 1) for k, v in sums.items()}, **val,
-                  "best": best, "train_seconds": train_seconds, "epoch_seconds": time.perf_counter() - t0}
+                  **({"best": best} if val else {}), "train_seconds": train_seconds,
+                  "epoch_seconds": time.perf_counter() - t0}
         history.append(record)
         report = {k: v for k, v in record.items() if isinstance(v, (int, float))}
         parts_text = " ".join(f"{k} {v / max(steps, 1):.4f}" for k, v in sums.items())
-        say(f"epoch {epoch + 1}/{tcfg.epochs} {parts_text} val {metric} {score:.4f}{' *' if improved else ''} "
-            f"({record['epoch_seconds']:.1f}s)", epoch=epoch + 1, epochs=tcfg.epochs, metrics=report)
+        say(f"epoch {epoch + 1}/{tcfg.epochs} {parts_text} {val_text} ({record['epoch_seconds']:.1f}s)",
+            epoch=epoch + 1, epochs=tcfg.epochs, metrics=report)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:

@@ -121,6 +121,10 @@ def validate_space(cfg: Config, space: dict[str, dict[str, Any]], searchable: tu
     """Raises ConfigError, naming the key, for an empty space, a parameter that is unknown or not searchable, a
     malformed domain, a value the config itself would reject, or a searcher that cannot run this space.
     ``searchable`` and ``section`` serve the study's and the teacher search's spaces."""
+    if not cfg.has_validation:
+        raise ConfigError(f"data.split_ratios: {list(cfg.data.split_ratios)} leaves no validation split, and "
+                          f"{section.split('.')[0]} picks its winner on validation; give the second ratio a non-zero "
+                          "fraction")
     if not space:
         raise ConfigError(f"{section}: the search space is empty; give at least one dimension "
                           f"(defaults: {', '.join(DEFAULT_SPACE if section == 'tune.space' else TRAIN_SPACE)})")

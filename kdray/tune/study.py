@@ -117,6 +117,9 @@ def study_config(cfg: Config) -> Config:
     epochs and patience for both roles, the study's trial count, ASHA's grace period resolved to a number of epochs
     (the study's key and result record it), and the run directory of this (dataset, dim)."""
     st = cfg.study
+    if not cfg.has_validation:
+        raise ConfigError(f"data.split_ratios: {list(cfg.data.split_ratios)} leaves no validation split, and the study "
+                          "picks every arm's winner on validation; give the second ratio a non-zero fraction")
     if cfg.distill.loss == "none":
         raise ConfigError("distill.loss: 'none' leaves the study's distilled arm without a teacher; choose a "
                           "distillation loss (the alone arm is the study's control)")
