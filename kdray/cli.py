@@ -4,7 +4,7 @@
     kdray data     [--config FILE] [key=value ...]   prepare the data only
     kdray teacher  [--config FILE] [key=value ...]   train the teacher(s)
     kdray distill  --teacher CKPT [--teacher CKPT ...] [--config FILE] [key=value ...]
-    kdray eval     --checkpoint CKPT [--config FILE] [key=value ...]
+    kdray eval     --checkpoint CKPT [--output FILE.json] [--config FILE] [key=value ...]
     kdray tune     [--config FILE] [--resume] [key=value ...]
     kdray study    [--config FILE] [--resume] [key=value ...]   the equal-budget study: teacher, alone, distilled
     kdray serve    --checkpoint CKPT [--config FILE] [key=value ...]
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from kdray.errors import KdrayError
-from kdray.layout import RunLayout
+from kdray.layout import RunLayout, atomic_write_text
 
 if TYPE_CHECKING:
     from kdray.config import Config
@@ -56,6 +56,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p.add_argument("--out", help="where to export the student (default RUN/student)")
     p = sub.add_parser("eval", parents=[common], help="evaluate a checkpoint on the test split")
     p.add_argument("--checkpoint", required=True)
+    p.add_argument("--output", help="also write the metrics, with the checkpoint's model, training settings and "
+                                    "epochs, to this JSON file")
     p = sub.add_parser("tune", parents=[common, quiet], help="Ray Tune search over distillation settings")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search")
     p = sub.add_parser("study", parents=[common, quiet], help="equal-budget study: teacher, student alone and "
@@ -168,10 +170,24 @@ def run(argv: Sequence[str] | None = None) -> int:
         from kdray.pipeline import prepare_data
 
         ckpt = _require_dir(args.checkpoint, "checkpoint directory")
+        if args.output and Path(args.output).is_dir():
+            raise KdrayError(f"--output {args.output} is a directory; give the JSON file to write")
         data = prepare_data(cfg)
         metrics = evaluate_checkpoint(ckpt, data, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size)
         for k, v in metrics.items():
             print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+        if args.output:
+            import json
+            import shlex
+
+            from kdray.evaluate import evaluation_record
+
+            record = evaluation_record(ckpt, data, metrics, shlex.join(["kdray", *argv]))
+            try:
+                atomic_write_text(Path(args.output), json.dumps(record, indent=2) + "\n")
+            except OSError as e:
+                raise KdrayError(f"--output {args.output}: cannot write it ({e.strerror or e})") from None
+            print(f"written to {args.output}")
         return 0
     if args.command == "serve":
         from kdray.console import ray_loggers_to_file

@@ -63,3 +63,23 @@ def evaluate_checkpoint(path: str | Path, data: PreparedData, ks: Sequence[int] 
     if write:
         update_metrics(path, out)
     return out
+
+
+def evaluation_record(path: str | Path, data: PreparedData, metrics: dict[str, Any], command: str) -> dict[str, Any]:
+    """What ``kdray eval --output`` writes: the test metrics of a checkpoint with what it is and how it was trained
+    (its model and training settings, its training pairs against the evaluation data's, its epochs), so that a table
+    of models can be generated from files instead of copied from the console."""
+    ckpt = load_checkpoint(path)
+    role = ckpt.meta.get("role", "")
+    trained = {k: v for k, v in ckpt.metrics.items()
+               if k in ("best_epoch", "epochs_run", "train_seconds") or k.startswith("valid_")}
+    return {
+        "checkpoint": str(path), "command": command, "role": role,
+        "model": ckpt.config.get(role, {}), "train": ckpt.config.get(f"{role}_train", {}),
+        "data": ckpt.config.get("data", {}),
+        # a refit (no validation split) trains on train + valid of the evaluation's split
+        "pairs": {"trained_on": int(ckpt.vocab.seen.nnz), "train": int(data.train.nnz),
+                  "valid": int(data.valid.nnz), "test": int(data.test.nnz)},
+        "trained": trained, "n_params": metrics["n_params"],
+        "test": {k: v for k, v in metrics.items() if k.startswith("test_")},
+    }

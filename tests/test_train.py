@@ -146,6 +146,19 @@ def test_cli_stages_one_at_a_time(ray_cluster, tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "stages" / "student"), *args]) == 0
     out = capsys.readouterr().out
     assert "test_ndcg@10:" in out and "student checkpoint:" in out
+    # --output: the same metrics with what the model is and how it was trained, for generated tables
+    record_path = tmp_path / "results" / "teacher.json"
+    assert main(["eval", "--checkpoint", str(teacher), "--output", str(record_path), *args]) == 0
+    record = json.loads(record_path.read_text())
+    printed = dict(line.split(": ") for line in capsys.readouterr().out.splitlines() if line.startswith("test_"))
+    assert {k: f"{v:.4f}" for k, v in record["test"].items() if k != "test_n_users"} == \
+        {k: v for k, v in printed.items() if k != "test_n_users"}
+    assert record["role"] == "teacher" and record["model"]["dim"] == 32 and record["train"]["epochs"] == 3
+    assert record["trained"]["epochs_run"] == 3 and record["trained"]["best_epoch"] in (1, 2, 3)
+    assert record["pairs"]["trained_on"] == record["pairs"]["train"] > 0 and record["pairs"]["valid"] > 0
+    assert record["command"].startswith("kdray eval --checkpoint") and record["n_params"] > 0
+    assert main(["eval", "--checkpoint", str(teacher), "--output", str(tmp_path), *args]) == 2
+    assert f"--output {tmp_path} is a directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
