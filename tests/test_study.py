@@ -203,6 +203,45 @@ def test_report_script_says_when_the_sizes_of_one_data_set_had_different_budgets
     assert "| 3 | 8 | 40 |" in text and "| 3 | 2 | 60 |" in text  # each size's trials per arm and ASHA grace
 
 
+def _eval_record(trained_on: int, recall: float, ndcg: float, best: int, run: int) -> dict:
+    """A ``kdray eval --output`` record as the CLI writes it (test_train.py checks the CLI's side)."""
+    return {"checkpoint": "/x/runs/lgcn/teacher", "role": "teacher",
+            "command": "kdray eval --config configs/gowalla.yaml --checkpoint /x/runs/lgcn/teacher "
+                       "data.path=/x/data/gowalla runs_dir=/x/runs --output /x/out.json",
+            "model": {"name": "lightgcn", "dim": 64}, "n_params": 4_533_696,
+            "train": {"lr": 0.01, "embedding_l2": 0.001, "batch_size": 1024, "seed": 0},
+            "pairs": {"trained_on": trained_on, "train": 900, "valid": 100, "test": 300},
+            "trained": {"best_epoch": best, "epochs_run": run},
+            "test": {"test_recall@10": 0.1, "test_ndcg@10": 0.1, "test_recall@20": recall, "test_ndcg@20": ndcg,
+                     "test_n_users": 30}}
+
+
+def test_report_script_writes_the_trained_models_table_between_its_own_markers(tmp_path):
+    report = _load_report_script()
+    results = _write_results(tmp_path, _result(8, 400, [0.20, 0.22, 0.24], [0.26, 0.27, 0.28]))
+    (results / "teachers").mkdir()
+    (results / "teachers" / "a.json").write_text(json.dumps(_eval_record(900, 0.17344, 0.14006, 28, 31)))
+    (results / "teachers" / "b.json").write_text(json.dumps(_eval_record(1000, 0.18, 0.15, 28, 28)))
+    bench = tmp_path / "BENCHMARKS.md"
+    bench.write_text(f"# before\n{report.TEACHERS_BEGIN}\nold\n{report.TEACHERS_END}\n## after\n")
+    assert report.main(["--results", str(results), "--benchmarks", str(bench)]) == 0
+    text = bench.read_text()
+    assert text.startswith("# before\n") and "\nold\n" not in text and text.count(report.TEACHERS_BEGIN) == 1
+    assert "| model | lr / embedding_l2 / batch | trained on (pairs) | epochs (best / run) | params | " \
+           "test Recall@20 | test NDCG@20 |" in text  # the largest K the records share
+    assert "| lightgcn-64 (seed 0) | 0.01 / 0.001 / 1,024 | 900 (train, 90%) | 28 / 31 | 4,533,696 | 0.1734 | " \
+           "0.1401 |" in text
+    assert "| 1,000 (train + valid, 100%) | 28 / 28 |" in text
+    assert "    kdray eval --config configs/gowalla.yaml --checkpoint CKPT data.path=DATA/gowalla --output " \
+           "/x/out.json" in text and "runs_dir" not in text
+    assert report.main(["--results", str(results), "--benchmarks", str(bench)]) == 0
+    assert bench.read_text() == text  # regenerated in place
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("# no markers\n")
+    assert report.main(["--results", str(results), "--benchmarks", str(plain)]) == 0
+    assert "lightgcn-64" not in plain.read_text()  # only where the markers are
+
+
 def test_report_script_compares_the_losses_of_a_study_with_extra_losses(tmp_path):
     report = _load_report_script()
     r = _result(8, 400, [0.20, 0.22, 0.24], [0.26, 0.27, 0.28])
