@@ -173,7 +173,12 @@ def run(argv: Sequence[str] | None = None) -> int:
         if args.output and Path(args.output).is_dir():
             raise KdrayError(f"--output {args.output} is a directory; give the JSON file to write")
         data = prepare_data(cfg)
-        metrics = evaluate_checkpoint(ckpt, data, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size)
+        if cfg.task == "pointwise":
+            from kdray.pointwise_run import evaluate_pointwise
+
+            metrics = evaluate_pointwise(ckpt, data)
+        else:
+            metrics = evaluate_checkpoint(ckpt, data, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size)
         for k, v in metrics.items():
             print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
         if args.output:

@@ -15,6 +15,7 @@ import torch
 
 from kdray.checkpoint import check_matches_data, load_checkpoint, update_metrics
 from kdray.data.prepare import PreparedData
+from kdray.errors import CheckpointError
 from kdray.metrics import full_ranking_evaluate
 from kdray.models import RecModel, count_parameters
 
@@ -54,6 +55,9 @@ def evaluate_checkpoint(path: str | Path, data: PreparedData, ks: Sequence[int] 
                         batch_size: int = 1024, write: bool = True) -> dict[str, Any]:
     """Test metrics, parameter count and latency of a checkpoint; merged into its metrics.json when ``write``."""
     ckpt = load_checkpoint(path)
+    if ckpt.pointwise:
+        raise CheckpointError(f"checkpoint {path} is a pointwise model; evaluate it with the config of its run "
+                              "(task=pointwise, e.g. --config RUN/config.yaml)")
     check_matches_data(ckpt, data)  # the same catalog and ids, or a clear CheckpointError
     test = evaluate_model(ckpt.model, data, "test", ks, batch_size)
     out = {f"test_{k}": v for k, v in test.items() if "@" in k}
@@ -65,7 +69,7 @@ def evaluate_checkpoint(path: str | Path, data: PreparedData, ks: Sequence[int] 
     return out
 
 
-def evaluation_record(path: str | Path, data: PreparedData, metrics: dict[str, Any], command: str) -> dict[str, Any]:
+def evaluation_record(path: str | Path, data: Any, metrics: dict[str, Any], command: str) -> dict[str, Any]:
     """What ``kdray eval --output`` writes: the test metrics of a checkpoint with what it is and how it was trained
     (its model and training settings, its training pairs against the evaluation data's, its epochs), so that a table
     of models can be generated from files instead of copied from the console."""
@@ -77,9 +81,11 @@ def evaluation_record(path: str | Path, data: PreparedData, metrics: dict[str, A
         "checkpoint": str(path), "command": command, "role": role,
         "model": ckpt.config.get(role, {}), "train": ckpt.config.get(f"{role}_train", {}),
         "data": ckpt.config.get("data", {}),
-        # a refit (no validation split) trains on train + valid of the evaluation's split
-        "pairs": {"trained_on": int(ckpt.vocab.seen.nnz), "train": int(data.train.nnz),
-                  "valid": int(data.valid.nnz), "test": int(data.test.nnz)},
+        # a refit (no validation split) trains on train + valid of the evaluation's split; the pointwise task's
+        # data (kdray.data.pointwise_data) counts rows per split instead
+        **({"pairs": {"trained_on": int(ckpt.vocab.seen.nnz), "train": int(data.train.nnz),
+                      "valid": int(data.valid.nnz), "test": int(data.test.nnz)}} if isinstance(data, PreparedData)
+           else {"rows": dict(data.counts)}),
         "trained": trained, "n_params": metrics["n_params"],
         "test": {k: v for k, v in metrics.items() if k.startswith("test_")},
     }

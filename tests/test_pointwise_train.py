@@ -62,7 +62,7 @@ def test_prepare_writes_and_reuses_the_pointwise_table(tmp_path):
     assert load_pointwise(tmp_path / "data").counts == data.counts
 
 
-def test_run_single_task_end_to_end(ray_cluster, tmp_path):
+def test_run_single_task_end_to_end(ray_cluster, tmp_path, capsys):
     cfg = tiny(tmp_path, "ml-100k-pointwise.yaml")
     report = run_pipeline(cfg, log=lambda _: None)
     labels = [r["model"] for r in report.rows]
@@ -81,6 +81,19 @@ def test_run_single_task_end_to_end(ray_cluster, tmp_path):
     assert "auc" in student.metrics["history"][0] and student.metrics["valid_auc"] > 0
     text = (cfg.run_dir / "report.md").read_text()
     assert "F1@best" in text and "ms / 1k preds" in text
+    # kdray eval with the run's config evaluates a pointwise checkpoint as the run did, and --output records it
+    from kdray.cli import main
+
+    record_path = tmp_path / "student.json"
+    run_config = str(cfg.run_dir / "config.yaml")
+    assert main(["eval", "--config", run_config, "--checkpoint", str(cfg.run_dir / "student"),
+                 "--output", str(record_path)]) == 0
+    record = json.loads(record_path.read_text())
+    assert record["test"]["test_auc"] == pytest.approx(report.rows[1]["test_auc"])
+    assert record["rows"] == load_pointwise(cfg.run_dir / "data").counts and record["model"]["name"] == "fm"
+    # a ranking config cannot evaluate it: one clear line (it used to fail deep in the data's attributes)
+    assert main(["eval", "--checkpoint", str(cfg.run_dir / "student"), f"runs_dir={tmp_path / 'ranking'}"]) == 2
+    assert "is a pointwise model; evaluate it with the config of its run" in capsys.readouterr().err
     # a second run reuses every stage
     lines: list[str] = []
     run_pipeline(cfg, log=lines.append)
