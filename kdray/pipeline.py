@@ -10,7 +10,7 @@ Every stage writes under one deterministic run directory (``RUNS_DIR/NAME``)::
     student_alone/         the same student trained without distillation
     ray/                   Ray Train's own run state (resumable)
     metrics.json, report.md
-    learning_curves.png    validation metric per epoch of every model (linked from report.md)
+    learning_curves.png    validation metric per epoch of every model (linked from report.md; needs a validation split)
     logs/ray.log           Ray's own output (kdray.console)
     tensorboard/STAGE/     TensorBoard event files (kdray.tracking)
 
@@ -151,7 +151,8 @@ def run_pipeline(cfg: Config, log=print, on_epoch: OnEpoch | None = None) -> Run
                "data": {"n_users": data.n_users, "n_items": data.n_items, "train": data.train.nnz,
                         "valid": data.valid.nnz, "test": data.test.nnz}}
     atomic_write_text(layout.metrics, json.dumps(summary, indent=2) + "\n")
-    learning_curves(histories, cfg.select_metric, layout.learning_curves)
+    if cfg.has_validation:  # without one there is no validation curve to draw
+        learning_curves(histories, cfg.select_metric, layout.learning_curves)
     note = (teacher_note(cfg.select_metric, [r[f"valid_{cfg.select_metric}"] for r in rows[:len(teachers)]],
                          rows[-1][f"valid_{cfg.select_metric}"]) if cfg.has_validation else
             "No validation split (data.split_ratios): every model is its last epoch, and the teacher was not "
@@ -180,6 +181,8 @@ def _report(cfg: Config, data: PreparedData, table: str, seconds: float) -> str:
     curves = RunLayout(cfg.run_dir).learning_curves.name
     selected = (f"models selected by validation {cfg.select_metric}" if cfg.has_validation
                 else "no validation split, so each model is its last epoch")
+    figure = (f"![Learning curves: validation {cfg.select_metric} per epoch of every model]({curves})\n\n"
+              if cfg.has_validation else "")
     return (
         f"# kdray run `{cfg.name}`\n\n"
         f"Data: `{cfg.data.source}` ({data.n_users:,} users, {data.n_items:,} items; "
@@ -190,7 +193,6 @@ def _report(cfg: Config, data: PreparedData, table: str, seconds: float) -> str:
         f"Student: `{cfg.student.name}` dim {cfg.student.dim}. Distillation: `{d.loss}`, alpha {d.alpha}, "
         f"T {d.temperature}, top-K {d.topk}, training positives masked: {d.mask_seen}.\n\n"
         "Test split, full-catalog ranking with each user's training and validation items masked; "
-        f"{selected}.\n\n{table}\n\n"
-        f"![Learning curves: validation {cfg.select_metric} per epoch of every model]({curves})\n\n"
+        f"{selected}.\n\n{table}\n\n{figure}"
         f"Total wall time {seconds:.0f} s.\n"
     )

@@ -196,6 +196,8 @@ def test_without_a_validation_split_every_model_keeps_its_last_epoch(ray_cluster
         history = load_checkpoint(Path(row["path"])).metrics["history"]
         assert [h["epoch"] for h in history] == list(range(1, epochs[row["model"]] + 1))
         assert not any("ndcg@10" in h or "best" in h for h in history)
-    assert "no validation split, so each model is its last epoch" in (run / "report.md").read_text()
+    report = (run / "report.md").read_text()
+    assert "no validation split, so each model is its last epoch" in report
+    assert "Learning curves" not in report and not (run / "learning_curves.png").exists()  # no curve to draw
     out = capsys.readouterr().out
     assert "(no validation split)" in out and "val ndcg@10 nan" not in out
