@@ -237,12 +237,20 @@ def models_block(records: list[dict[str, Any]]) -> str:
     return "\n".join([*lines, TEACHERS_END])
 
 
+def splice(text: str, begin: str, end: str, new_block: str) -> str | None:
+    """``text`` with the block from ``begin`` to ``end`` replaced by ``new_block``, or None without such a block."""
+    start, stop = text.find(begin), text.find(end)
+    if start == -1 or stop == -1 or stop < start:
+        return None
+    return text[:start] + new_block.rstrip("\n") + text[stop + len(end):]
+
+
 def replace_block(text: str, new_block: str) -> str:
     """``text`` with the marked block replaced by ``new_block`` (or ``new_block`` appended)."""
-    start, end = text.find(BEGIN), text.find(END)
-    if start == -1 or end == -1 or end < start:
+    spliced = splice(text, BEGIN, END, new_block)
+    if spliced is None:
         return text.rstrip("\n") + "\n\n## Equal-budget studies (`kdray study`)\n\n" + new_block
-    return text[:start] + new_block.rstrip("\n") + text[end + len(END):]
+    return spliced
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,9 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         frontier_plot(dataset, results, a.results / f"{dataset}-frontier.png")
     text = replace_block(a.benchmarks.read_text() if a.benchmarks.is_file() else "", block(by_dataset, a.results))
     records = load_model_records(a.results)
-    start, end = text.find(TEACHERS_BEGIN), text.find(TEACHERS_END)
-    if records and 0 <= start < end:  # the trained models' table sits where its markers are (Gowalla's section)
-        text = text[:start] + models_block(records) + text[end + len(TEACHERS_END):]
+    if records:  # the trained models' table sits where its markers are (Gowalla's section), and nowhere else
+        text = splice(text, TEACHERS_BEGIN, TEACHERS_END, models_block(records)) or text
     atomic_write_text(a.benchmarks, text)
     print(f"{sum(map(len, by_dataset.values()))} studies of {len(by_dataset)} dataset(s)"
           f"{f' and {len(records)} trained models' if records else ''} -> {a.benchmarks}")
