@@ -533,20 +533,39 @@ def test_module_exports():
 
 
 @pytest.mark.parametrize("kind", losses.TOP_K_ORDER_LOSSES)
-def test_top_k_order_losses_give_the_same_value_from_a_cached_top_k(kind):
-    # distill.cached_topk keeps the teacher's top-K unobserved items with their logits and fills the rest
-    # (kdray.train.objective.cached_teacher_logits): the losses that read only that order must not notice
+def test_top_k_order_losses_give_the_same_value_from_the_top_k_columns_alone(kind):
+    # distill.cached_topk keeps only the teacher's top-K unobserved items in its order; top_k_distill_loss reads them
+    # as columns and must give the value and gradient of the loss on the teacher's full logits
     from kdray.config import TOP_K_ORDER_LOSSES
     from kdray.distill.common import teacher_top_k
-    from kdray.train.objective import CACHED_FILL
 
     assert TOP_K_ORDER_LOSSES == losses.TOP_K_ORDER_LOSSES  # the config's copy of the list
     gen = torch.Generator().manual_seed(3)
-    student, teacher = torch.randn(4, 12, generator=gen), torch.randn(4, 12, generator=gen)
-    mask = torch.rand(4, 12, generator=gen) < 0.3
+    student, teacher = torch.randn(5, 12, generator=gen), torch.randn(5, 12, generator=gen)
+    mask = torch.rand(5, 12, generator=gen) < 0.3
+    mask[3, 2:] = True  # fewer unmasked items than k: masked columns fill the row's top-k and count for nothing
+    mask[4] = True  # an all-masked row is left out
     top, valid = teacher_top_k(teacher, 5, mask)
-    cached = torch.full_like(teacher, CACHED_FILL).scatter_(1, top, teacher.gather(1, top))
-    assert valid.all()
-    full = losses.distill_loss(kind, student, [teacher], None, temperature=1.0, k=5, mask=mask)
-    from_cache = losses.distill_loss(kind, student, [cached], None, temperature=1.0, k=5, mask=mask)
-    assert from_cache.item() == pytest.approx(full.item(), rel=1e-6)
+    assert not valid[3].all() and valid[:3].all()
+    s1, s2 = student.clone().requires_grad_(), student.clone().requires_grad_()
+    full = losses.distill_loss(kind, s1, [teacher], None, temperature=1.0, k=5, mask=mask)
+    from_top = losses.top_k_distill_loss(kind, s2, top, mask)
+    assert from_top.item() == pytest.approx(full.item(), rel=1e-6)
+    full.backward()
+    from_top.backward()
+    assert torch.allclose(s2.grad, s1.grad, atol=1e-7)
+    # the top-K's own order is what counts: reversing it changes the loss
+    assert losses.top_k_distill_loss(kind, student, top.flip(-1), mask).item() != pytest.approx(full.item())
+
+
+def test_top_k_distill_loss_names_what_it_cannot_take():
+    s = torch.zeros(2, 6)
+    top = torch.tensor([[0, 1], [2, 3]])
+    with pytest.raises(ValueError, match="kind must be one of"):
+        losses.top_k_distill_loss("kl", s, top, None)
+    with pytest.raises(ValueError, match="top must be"):
+        losses.top_k_distill_loss("rrd", s, top[:1], None)  # one row of top for two rows of logits
+    with pytest.raises(ValueError, match="int64"):
+        losses.top_k_distill_loss("rd", s, top.int(), None)
+    with pytest.raises(ValueError, match="mask shape"):
+        losses.top_k_distill_loss("rd", s, top, torch.zeros(2, 5, dtype=torch.bool))

@@ -8,8 +8,8 @@ import torch
 from kdray.distill import losses
 from kdray.config import Config, replace
 from kdray.models import build_model
-from kdray.train.objective import (CACHED_FILL, Objective, batch_from_lists, batch_loss, cached_teacher_logits,
-                             sampling_log_q, teacher_logits)
+from kdray.train.objective import (Objective, batch_from_lists, batch_loss, cached_teacher_columns, sampling_log_q,
+                                   teacher_logits)
 from kdray.train.shard import LocalShard
 
 N_USERS, N_ITEMS = 6, 12
@@ -110,15 +110,39 @@ def test_pairwise_and_pointwise_losses_are_finite_and_train(models, batch, hard)
     assert float(loss) < first
 
 
-def test_cached_top_k_block_puts_logits_at_their_items(batch):
-    batch.teacher_items = torch.tensor([[3, 4], [0, 1], [2, 9]])
-    batch.teacher_logits = torch.tensor([[5.0, 4.0], [3.0, 2.0], [1.0, 0.5]])
-    dense = cached_teacher_logits(batch, None, N_ITEMS)
-    assert dense.shape == (3, N_ITEMS)
-    assert dense[0, 3] == 5.0 and dense[2, 9] == 0.5 and dense[1, 5] == CACHED_FILL
-    cand = torch.tensor([0, 1, 2, 3, 4, 9])
-    sub = cached_teacher_logits(batch, cand, N_ITEMS)
-    assert torch.equal(sub, dense[:, cand])
+def _cached(batch, teacher, k):
+    """The batch as distill.cached_topk delivers it: the teacher's top-k unobserved items per user, best first
+    (what kdray.distill.teacher.TeacherTopK computes)."""
+    with torch.no_grad():
+        t = teacher.score_all(batch.users)
+        t[batch.pos_rows, batch.pos_items] = -float("inf")
+        items = t.topk(k, dim=1).indices
+    return batch_from_lists(batch.users.numpy(), np.array([0, 2, 3, 6]), batch.pos_items.numpy(), items.numpy())
+
+
+@pytest.mark.parametrize("kind", losses.TOP_K_ORDER_LOSSES)
+def test_a_cached_top_k_gives_the_loss_and_gradient_of_the_live_teacher(models, batch, kind):
+    # the cached path hands the loss the top-K columns only (no [B, C] teacher block): same value, same gradient
+    student, teacher = models
+    obj = Objective(n_items=N_ITEMS, hard_loss="softmax", n_negatives=4, alpha=0.6, distill=kind, topk=3)
+    live, live_parts = batch_loss(student, [teacher], batch, obj)
+    live.backward()
+    live_grads = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    cached, cached_parts = batch_loss(student, [], _cached(batch, teacher, 3), obj)
+    cached.backward()
+    assert cached.item() == pytest.approx(live.item(), rel=1e-6)
+    assert cached_parts["distill"] == pytest.approx(live_parts["distill"], rel=1e-6)
+    for got, want in zip([p.grad for p in student.parameters()], live_grads):
+        assert torch.allclose(got, want, atol=1e-7)
+
+
+def test_cached_top_k_columns_follow_the_sampled_candidates(batch):
+    batch.teacher_items = torch.tensor([[3, 4], [1, 0], [9, 2]])
+    assert torch.equal(cached_teacher_columns(batch, None), batch.teacher_items)
+    cand = torch.tensor([0, 1, 2, 3, 4, 9])  # sorted, as torch.unique returns it
+    cols = cached_teacher_columns(batch, cand)
+    assert torch.equal(cand[cols], batch.teacher_items)  # the same items, in the teacher's order
 
 
 def test_objective_from_config_roles():

@@ -66,8 +66,10 @@ def test_teacher_trains_loss_falls_and_checkpoint_loads(trained):
     ["distill.loss=rd", "distill.alpha=0.5"],
     ["distill.loss=kl", "distill.alpha=0.5", "distill.temperature=2", "ray.num_workers=2", "ray.cpus_per_worker=0.5"],
     ["distill.loss=rd", "distill.cached_topk=true", "distill.init_from_teacher=true", "ray.shard_mode=stream"],
+    ["distill.loss=rrd", "distill.cached_topk=true", "student_train.hard_loss=sampled_softmax",
+     "student_train.n_negatives=16"],
     ["distill.loss=mse", "student_train.hard_loss=sampled_softmax", "student_train.n_negatives=16"],
-], ids=["rd", "kl-ddp2", "rd-cached-pca-stream", "mse-sampled"])
+], ids=["rd", "kl-ddp2", "rd-cached-pca-stream", "rrd-cached-sampled", "mse-sampled"])
 def test_student_distils_without_touching_the_teacher(trained, extra):
     cfg, data, teacher = trained
     cfg = load_config(None, [*TINY, f"runs_dir={cfg.runs_dir}", *extra])

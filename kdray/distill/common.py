@@ -32,6 +32,21 @@ def check_pair(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | No
             raise ValueError(f"mask must be a bool tensor (True = leave out), got {mask.dtype}")
 
 
+def check_top(student_logits: Tensor, top: Tensor, mask: Tensor | None) -> None:
+    """A teacher's top-K given as columns: ``[B, k]`` integer indices, one row per student row."""
+    if student_logits.ndim != 2:
+        raise ValueError(f"student_logits must be [B, C], got shape {tuple(student_logits.shape)}")
+    if top.ndim != 2 or top.shape[0] != student_logits.shape[0] or not 1 <= top.shape[1] <= student_logits.shape[1]:
+        raise ValueError(f"top must be [B, k] with 1 <= k <= C for student_logits of shape "
+                         f"{tuple(student_logits.shape)}, got shape {tuple(top.shape)}")
+    if top.dtype != torch.int64:
+        raise ValueError(f"top must hold int64 column indices, got {top.dtype}")
+    if mask is not None and mask.shape != student_logits.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} differs from logits shape {tuple(student_logits.shape)}")
+    if mask is not None and mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor (True = leave out), got {mask.dtype}")
+
+
 def masked_value(dtype: torch.dtype) -> float:
     """A finite stand-in for -inf: exp() of it underflows to exactly 0, yet a row of only such values still has a
     finite (uniform) softmax, and differences of two of them stay finite, so nothing turns into NaN."""

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdray.distill.common import check_k, check_pair, check_temperature, masked_value, row_mean, teacher_top_k
-from kdray.distill.ranking import ranking_distill, relaxed_ranking_distill
+from kdray.distill.ranking import (ranking_distill, ranking_distill_top_k, relaxed_ranking_distill,
+                                   relaxed_ranking_distill_top_k)
 
 DISTILL_LOSSES = ("kl", "mse", "rd", "soft_bce", "rrd", "listwise")
 # The losses that read only the order of the teacher's top-K (and the mask): they can distil from a cached top-K
@@ -42,10 +43,13 @@ __all__ = [
     "listwise_distill",
     "mse_distill",
     "ranking_distill",
+    "ranking_distill_top_k",
     "relaxed_ranking_distill",
+    "relaxed_ranking_distill_top_k",
     "sampled_softmax_ce",
     "soft_bce_distill",
     "softmax_ce",
+    "top_k_distill_loss",
     "total_loss",
 ]
 
@@ -307,6 +311,23 @@ def distill_loss(kind: str, student_logits: Tensor, teachers: Sequence[Tensor], 
     if kind == "listwise":
         return listwise_distill(student_logits, teacher, k, temperature, mask)
     return soft_bce_distill(student_logits, teacher, temperature, mask)
+
+
+def top_k_distill_loss(kind: str, student_logits: Tensor, top: Tensor, mask: Tensor | None, *,
+                       n_uninteresting: int | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """The distillation loss ``kind`` (one of ``TOP_K_ORDER_LOSSES``) from the teacher's top-K columns in its order
+    alone (a cached top-K, which already combines an ensemble): the value ``distill_loss`` gives on any teacher logits
+    whose top-``k`` after the mask is ``top``, without building them.
+
+    Shape:
+        student_logits: [B, C]; top: [B, k] int64; mask: [B, C] bool or None; output: scalar.
+    """
+    if kind not in TOP_K_ORDER_LOSSES:
+        raise ValueError(f"kind must be one of {TOP_K_ORDER_LOSSES} (the losses that read only the teacher's top-K "
+                         f"order), got {kind!r}")
+    if kind == "rd":
+        return ranking_distill_top_k(student_logits, top, mask)
+    return relaxed_ranking_distill_top_k(student_logits, top, mask, n_uninteresting, generator)
 
 
 def total_loss(hard: Tensor, distill: Tensor, alpha: float) -> Tensor:

@@ -4,13 +4,11 @@ in :mod:`kdray.distill.losses`."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdray.distill.common import check_k, check_pair, masked_value, row_mean, teacher_top_k
+from kdray.distill.common import check_k, check_pair, check_top, masked_value, row_mean, teacher_top_k
 
 
 def ranking_distill(student_logits: Tensor, teacher_logits: Tensor, k: int, mask: Tensor | None = None,
@@ -37,15 +35,25 @@ def ranking_distill(student_logits: Tensor, teacher_logits: Tensor, k: int, mask
         student_logits, teacher_logits: [B, C]; mask: [B, C] bool (True = leave out) or None; output: scalar.
     """
     check_k(k)
+    check_pair(student_logits, teacher_logits, mask)
+    top, _ = teacher_top_k(teacher_logits, k, mask)  # masked entries only where a row has fewer than k others
+    return ranking_distill_top_k(student_logits, top, mask, lam)
+
+
+def ranking_distill_top_k(student_logits: Tensor, top: Tensor, mask: Tensor | None = None, lam: float = 1.0
+                          ) -> Tensor:
+    """``ranking_distill`` given the teacher's top-K columns in its order (``top [B, k]``) instead of its logits:
+    what a cached top-K holds. Equal to ``ranking_distill(s, t, k, mask, lam)`` for any ``t`` whose top-``k`` after
+    the mask is ``top`` in that order; a column of ``top`` that is masked counts for nothing (a row with fewer than
+    ``k`` unmasked candidates). It skips the dense ``[B, C]`` teacher block and its top-k.
+
+    Shape:
+        student_logits: [B, C]; top: [B, k] int64, distinct columns per row; mask: [B, C] bool or None; output: scalar.
+    """
     if not lam > 0:
         raise ValueError(f"lam must be > 0, got {lam}")
-    check_pair(student_logits, teacher_logits, mask)
-    b, c = student_logits.shape
-    k = min(k, c)
-    t = teacher_logits.detach()
-    if mask is not None:
-        t = t.masked_fill(mask, -math.inf)  # masked entries are chosen only when a row has fewer than k others
-    top = t.topk(k, dim=-1).indices  # [B, k]
+    check_top(student_logits, top, mask)
+    b, k = top.shape
     valid = torch.ones_like(top, dtype=torch.bool) if mask is None else ~mask.gather(1, top)  # [B, k]
     ranks = torch.arange(1, k + 1, device=student_logits.device, dtype=student_logits.dtype)
     w = torch.exp(-ranks / lam).expand(b, k) * valid  # [B, k]
@@ -84,11 +92,26 @@ def relaxed_ranking_distill(student_logits: Tensor, teacher_logits: Tensor, k: i
         student_logits, teacher_logits: [B, C]; mask: [B, C] bool (True = leave out) or None; output: scalar.
     """
     check_k(k)
+    check_pair(student_logits, teacher_logits, mask)
+    top, _ = teacher_top_k(teacher_logits, k, mask)
+    return relaxed_ranking_distill_top_k(student_logits, top, mask, n_uninteresting, generator)
+
+
+def relaxed_ranking_distill_top_k(student_logits: Tensor, top: Tensor, mask: Tensor | None = None,
+                                  n_uninteresting: int | None = None, generator: torch.Generator | None = None
+                                  ) -> Tensor:
+    """``relaxed_ranking_distill`` given the teacher's top-K columns in its order (``top [B, k]``) instead of its
+    logits, as ``ranking_distill_top_k`` is for ``ranking_distill``: what a cached top-K holds, with no dense
+    ``[B, C]`` teacher block and no top-k over it. A masked column of ``top`` counts for nothing.
+
+    Shape:
+        student_logits: [B, C]; top: [B, k] int64, distinct columns per row; mask: [B, C] bool or None; output: scalar.
+    """
     if n_uninteresting is not None and (isinstance(n_uninteresting, bool) or not isinstance(n_uninteresting, int)
                                         or n_uninteresting <= 0):
         raise ValueError(f"n_uninteresting must be a positive integer or None, got {n_uninteresting!r}")
-    check_pair(student_logits, teacher_logits, mask)
-    top, valid = teacher_top_k(teacher_logits, k, mask)
+    check_top(student_logits, top, mask)
+    valid = torch.ones_like(top, dtype=torch.bool) if mask is None else ~mask.gather(1, top)  # [B, k]
     fill = masked_value(student_logits.dtype)
 
     others = torch.ones_like(student_logits, dtype=torch.bool).scatter_(1, top, False)  # [B, C]

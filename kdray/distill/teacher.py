@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import torch
 
@@ -40,7 +39,8 @@ def frozen(model: RecModel) -> RecModel:
 
 
 class TeacherTopK:
-    """``map_batches`` UDF: adds each user's teacher top-K unobserved items and logits (``t_items``, ``t_logits``)."""
+    """``map_batches`` UDF: adds each user's teacher top-K unobserved items, best first (``t_items``): all that the
+    losses that read only the teacher's order (rd, rrd) need."""
 
     def __init__(self, teachers: list[Any], weights: list[float] | None, k: int, n_threads: int = 1):
         import ray
@@ -57,11 +57,9 @@ class TeacherTopK:
             combined = losses.ensemble_teacher_logits(logits, self.weights, kind="rd") if len(logits) > 1 else logits[0]
             combined = combined.clone()
             combined[batch.pos_rows, batch.pos_items] = -math.inf  # unobserved items only
-            values, items = combined.topk(self.k, dim=1)
-        k = self.k
-        return (table.append_column("t_items", pa.FixedSizeListArray.from_arrays(pa.array(items.reshape(-1).numpy()), k))
-                .append_column("t_logits", pa.FixedSizeListArray.from_arrays(
-                    pa.array(values.reshape(-1).numpy().astype(np.float32)), k)))
+            items = combined.topk(self.k, dim=1).indices  # sorted: the teacher's order
+        return table.append_column("t_items", pa.FixedSizeListArray.from_arrays(pa.array(items.reshape(-1).numpy()),
+                                                                               self.k))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ from kdray.models import RecModel, embedding_tables
 HARD_LOSSES = ("softmax", "sampled_softmax", "bpr", "bce")  # the registry of hard losses: what hard_loss dispatches,
 # and what the config's train.hard_loss accepts
 BCE_NEGATIVES_PER_POSITIVE = 4  # NeuMF's ratio (He et al. 2017)
-CACHED_FILL = -1e4  # teacher logit for items outside the cached top-K: never selected as a pseudo-positive
 
 
 @dataclass(frozen=True)
@@ -76,24 +75,22 @@ class Batch:
     users: Tensor  # [B] int64
     pos_rows: Tensor  # [P] int64: position in the batch of each positive
     pos_items: Tensor  # [P] int64: item id of each positive
-    teacher_items: Tensor | None = None  # [B, K] cached teacher top-K (cached mode only)
-    teacher_logits: Tensor | None = None  # [B, K]
+    teacher_items: Tensor | None = None  # [B, K] cached teacher top-K, in the teacher's order (cached mode only)
 
     def to(self, device: torch.device) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.users), move(self.pos_rows), move(self.pos_items),
-                     move(self.teacher_items), move(self.teacher_logits))
+        return Batch(move(self.users), move(self.pos_rows), move(self.pos_items), move(self.teacher_items))
 
 
 def batch_from_lists(users: np.ndarray, offsets: np.ndarray, values: np.ndarray,
-                     teacher_items: np.ndarray | None = None, teacher_logits: np.ndarray | None = None) -> Batch:
+                     teacher_items: np.ndarray | None = None) -> Batch:
     """Builds a batch from a list column in Arrow layout: user ``b``'s items are ``values[offsets[b]:offsets[b+1]]``."""
     lengths = np.diff(offsets)
     rows = np.repeat(np.arange(len(users), dtype=np.int64), lengths)
     items = values[offsets[0] : offsets[-1]]
     as_tensor = lambda a, dt: None if a is None else torch.as_tensor(np.ascontiguousarray(a), dtype=dt)  # noqa: E731
     return Batch(as_tensor(users, torch.int64), as_tensor(rows, torch.int64), as_tensor(items, torch.int64),
-                 as_tensor(teacher_items, torch.int64), as_tensor(teacher_logits, torch.float32))
+                 as_tensor(teacher_items, torch.int64))
 
 
 def sampling_log_q(item_counts: np.ndarray) -> Tensor:
@@ -172,14 +169,10 @@ def teacher_logits(teachers: Sequence[RecModel], batch: Batch, cand: Tensor | No
     return [o.clone() for o in outs]
 
 
-def cached_teacher_logits(batch: Batch, cand: Tensor | None, n_items: int) -> Tensor:
-    """The cached top-K as a [B, C] logit block: the cached logits at their items, CACHED_FILL elsewhere, so that
-    ranking distillation's top-K of this block is exactly the cached top-K."""
-    assert batch.teacher_items is not None and batch.teacher_logits is not None
-    width = n_items if cand is None else cand.shape[0]
-    cols = batch.teacher_items if cand is None else torch.searchsorted(cand, batch.teacher_items)  # cand is sorted
-    dense = torch.full((batch.users.shape[0], width), CACHED_FILL, device=batch.users.device)
-    return dense.scatter_(1, cols, batch.teacher_logits)
+def cached_teacher_columns(batch: Batch, cand: Tensor | None) -> Tensor:
+    """The cached top-K's items as columns of the student's logits ([B, K], in the teacher's order)."""
+    assert batch.teacher_items is not None
+    return batch.teacher_items if cand is None else torch.searchsorted(cand, batch.teacher_items)  # cand is sorted
 
 
 def embedding_penalty(model: torch.nn.Module, batch: Batch) -> Tensor:
@@ -209,14 +202,14 @@ def _distilled(teachers: Sequence[RecModel], batch: Batch, obj: Objective, logit
     """``(1 - alpha) * hard + alpha * distill`` for a distilled student; the hard loss alone otherwise."""
     if not obj.distilling:
         return hard, {"hard": float(hard.detach())}
-    if batch.teacher_items is not None:
-        t_logits = [cached_teacher_logits(batch, cand, obj.n_items)]
-    else:
-        t_logits = teacher_logits(teachers, batch, cand)
     mask = targets > 0 if obj.mask_seen else None
-    # a cached top-K already combines the ensemble (kdray.distill.teacher.TeacherTopK), so it is one "teacher" here
-    weights = list(obj.teacher_weights) if obj.teacher_weights and batch.teacher_items is None else None
-    distill = losses.distill_loss(obj.distill, logits, t_logits, weights, temperature=obj.temperature,
-                                  k=obj.topk, mask=mask)
+    if batch.teacher_items is not None:
+        # a cached top-K already combines the ensemble (kdray.distill.teacher.TeacherTopK) in the teacher's order,
+        # which is all that rd and rrd read: no [B, C] teacher block, no top-k over it
+        distill = losses.top_k_distill_loss(obj.distill, logits, cached_teacher_columns(batch, cand), mask)
+    else:
+        weights = list(obj.teacher_weights) if obj.teacher_weights else None
+        distill = losses.distill_loss(obj.distill, logits, teacher_logits(teachers, batch, cand), weights,
+                                      temperature=obj.temperature, k=obj.topk, mask=mask)
     total = losses.total_loss(hard, distill, obj.alpha)
     return total, {"hard": float(hard.detach()), "distill": float(distill.detach())}

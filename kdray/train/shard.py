@@ -32,7 +32,6 @@ class LocalShard:
     offsets: np.ndarray  # [U + 1] Arrow-style offsets into items
     items: np.ndarray  # [nnz]
     teacher_items: np.ndarray | None = None  # [U, K] (cached top-K mode)
-    teacher_logits: np.ndarray | None = None
 
     @classmethod
     def from_tables(cls, tables: list[pa.Table]) -> "LocalShard":
@@ -42,13 +41,12 @@ class LocalShard:
         table = pa.concat_tables(tables).sort_by("user").combine_chunks()
         lists = table.column("items").chunk(0) if table.num_rows else pa.array([], pa.list_(pa.int64()))
         offsets = lists.offsets.to_numpy().astype(np.int64)
-        t_items = t_logits = None
+        t_items = None
         if "t_items" in table.column_names:
             t_items = np.stack(table.column("t_items").to_numpy(zero_copy_only=False)).astype(np.int64)
-            t_logits = np.stack(table.column("t_logits").to_numpy(zero_copy_only=False)).astype(np.float32)
         return cls(users=table.column("user").to_numpy().astype(np.int64), offsets=offsets - offsets[0],
                    items=lists.values.to_numpy()[offsets[0] : offsets[-1]].astype(np.int64),
-                   teacher_items=t_items, teacher_logits=t_logits)
+                   teacher_items=t_items)
 
     def __len__(self) -> int:
         return int(self.users.shape[0])
@@ -71,17 +69,15 @@ class LocalShard:
         values = self.items[starts + np.arange(offsets[-1])]
         return batch_from_lists(
             self.users[idx], offsets, values,
-            None if self.teacher_items is None else self.teacher_items[idx],
-            None if self.teacher_logits is None else self.teacher_logits[idx])
+            None if self.teacher_items is None else self.teacher_items[idx])
 
 
 def table_batch(table: pa.Table) -> Batch:
     lists = table.column("items").combine_chunks()
-    t_items = t_logits = None
+    t_items = None
     if "t_items" in table.column_names:
         t_items = np.stack(table.column("t_items").to_numpy(zero_copy_only=False))
-        t_logits = np.stack(table.column("t_logits").to_numpy(zero_copy_only=False))
     return batch_from_lists(table.column("user").to_numpy(), lists.offsets.to_numpy(), lists.values.to_numpy(),
-                            t_items, t_logits)
+                            t_items)
 
 
