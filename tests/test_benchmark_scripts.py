@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -28,8 +29,28 @@ def test_foldin_latency_smoke_test_trains_with_the_shared_epoch_function(tmp_pat
     assert json.loads(out.read_text())  # quality and latency rows were written
 
 
-@pytest.mark.parametrize("name", ["foldin_latency", "replay", "serve_load", "dataset_counts"])
+@pytest.mark.timeout(120)
+def test_cached_topk_step_smoke_test_checks_both_paths_give_one_loss(tmp_path, capsys):
+    out = tmp_path / "step.json"
+    _script("cached_topk_step").main(["--smoke-test", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["losses"]) == {"rd", "rrd"}
+    assert all(r["same_loss"] and len(r["seconds"]["columns"]) == 3 for r in result["losses"].values())
+    assert "dense block" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["foldin_latency", "replay", "serve_load", "dataset_counts", "split_popularity"])
 def test_scripts_that_read_real_data_ask_for_its_folder(name, capsys):
     with pytest.raises(SystemExit) as exit_:
         _script(name).main([])
     assert exit_.value.code == 2 and "--data" in capsys.readouterr().err
+
+
+def test_split_popularity_counts_each_pair_by_its_items_training_popularity():
+    from kdray.sparse import Csr
+
+    popularity = np.array([50, 10, 5, 1, 1, 1, 1, 1, 1, 1])  # item 0 alone is the top 10% (and the top 1%)
+    pairs = Csr.from_pairs(np.array([0, 0, 1, 1]), np.array([0, 2, 0, 9]), 2, 10)  # items 0, 2, 0, 9
+    got = _script("split_popularity").popularity_of(pairs, popularity)
+    assert got == {"pairs": 4, "mean": (50 + 5 + 50 + 1) / 4, "median": 27.5, "share_top1pct": 0.5,
+                   "share_top10pct": 0.5}
