@@ -20,31 +20,30 @@ def check_k(k: int) -> None:
 
 
 def check_pair(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None) -> None:
-    if student_logits.ndim != 2:
-        raise ValueError(f"student_logits must be [B, C], got shape {tuple(student_logits.shape)}")
+    _check_logits_and_mask(student_logits, mask)
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} differs from student_logits shape "
                          f"{tuple(student_logits.shape)}")
-    if mask is not None:
-        if mask.shape != student_logits.shape:
-            raise ValueError(f"mask shape {tuple(mask.shape)} differs from logits shape {tuple(student_logits.shape)}")
-        if mask.dtype != torch.bool:
-            raise ValueError(f"mask must be a bool tensor (True = leave out), got {mask.dtype}")
 
 
 def check_top(student_logits: Tensor, top: Tensor, mask: Tensor | None) -> None:
     """A teacher's top-K given as columns: ``[B, k]`` integer indices, one row per student row."""
-    if student_logits.ndim != 2:
-        raise ValueError(f"student_logits must be [B, C], got shape {tuple(student_logits.shape)}")
+    _check_logits_and_mask(student_logits, mask)
     if top.ndim != 2 or top.shape[0] != student_logits.shape[0] or not 1 <= top.shape[1] <= student_logits.shape[1]:
         raise ValueError(f"top must be [B, k] with 1 <= k <= C for student_logits of shape "
                          f"{tuple(student_logits.shape)}, got shape {tuple(top.shape)}")
     if top.dtype != torch.int64:
         raise ValueError(f"top must hold int64 column indices, got {top.dtype}")
-    if mask is not None and mask.shape != student_logits.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} differs from logits shape {tuple(student_logits.shape)}")
-    if mask is not None and mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool tensor (True = leave out), got {mask.dtype}")
+
+
+def _check_logits_and_mask(student_logits: Tensor, mask: Tensor | None) -> None:
+    if student_logits.ndim != 2:
+        raise ValueError(f"student_logits must be [B, C], got shape {tuple(student_logits.shape)}")
+    if mask is not None:
+        if mask.shape != student_logits.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} differs from logits shape {tuple(student_logits.shape)}")
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor (True = leave out), got {mask.dtype}")
 
 
 def masked_value(dtype: torch.dtype) -> float:
