@@ -68,5 +68,9 @@ def teacher_top_k(teacher_logits: Tensor, k: int, mask: Tensor | None) -> tuple[
     if mask is not None:
         t = t.masked_fill(mask, -math.inf)
     top = t.topk(min(k, t.shape[1]), dim=-1).indices  # [B, k]
-    valid = torch.ones_like(top, dtype=torch.bool) if mask is None else ~mask.gather(1, top)  # [B, k]
-    return top, valid
+    return top, top_k_valid(top, mask)
+
+
+def top_k_valid(top: Tensor, mask: Tensor | None) -> Tensor:
+    """Which columns of a top-K ``[B, k]`` are real candidates (not masked) ``[B, k]`` bool."""
+    return torch.ones_like(top, dtype=torch.bool) if mask is None else ~mask.gather(1, top)

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdray.distill.common import check_k, check_pair, check_top, masked_value, row_mean, teacher_top_k
+from kdray.distill.common import (check_k, check_pair, check_top, masked_value, row_mean, teacher_top_k,
+                                  top_k_valid)
 
 
 def ranking_distill(student_logits: Tensor, teacher_logits: Tensor, k: int, mask: Tensor | None = None,
@@ -54,7 +55,7 @@ def ranking_distill_top_k(student_logits: Tensor, top: Tensor, mask: Tensor | No
         raise ValueError(f"lam must be > 0, got {lam}")
     check_top(student_logits, top, mask)
     b, k = top.shape
-    valid = torch.ones_like(top, dtype=torch.bool) if mask is None else ~mask.gather(1, top)  # [B, k]
+    valid = top_k_valid(top, mask)  # [B, k]
     ranks = torch.arange(1, k + 1, device=student_logits.device, dtype=student_logits.dtype)
     w = torch.exp(-ranks / lam).expand(b, k) * valid  # [B, k]
     w = w / w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
@@ -111,7 +112,7 @@ def relaxed_ranking_distill_top_k(student_logits: Tensor, top: Tensor, mask: Ten
                                         or n_uninteresting <= 0):
         raise ValueError(f"n_uninteresting must be a positive integer or None, got {n_uninteresting!r}")
     check_top(student_logits, top, mask)
-    valid = torch.ones_like(top, dtype=torch.bool) if mask is None else ~mask.gather(1, top)  # [B, k]
+    valid = top_k_valid(top, mask)  # [B, k]
     fill = masked_value(student_logits.dtype)
 
     others = torch.ones_like(student_logits, dtype=torch.bool).scatter_(1, top, False)  # [B, C]
