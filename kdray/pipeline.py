@@ -30,7 +30,7 @@ import yaml
 
 from kdray.checkpoint import load_checkpoint, stage_key
 from kdray.config import Config, fingerprint, replace, to_dict
-from kdray.data.prepare import PreparedData, prepare
+from kdray.data.prepare import PreparedData, popularity_note, prepare
 from kdray.distill import without_distillation
 from kdray.evaluate import evaluate_checkpoint
 from kdray.layout import RunLayout, atomic_write_text
@@ -128,6 +128,10 @@ def run_pipeline(cfg: Config, log=print, on_epoch: OnEpoch | None = None) -> Run
     data = prepare_data(cfg)
     log(f"[data] {data.n_users} users, {data.n_items} items, {data.train.nnz} train / {data.valid.nnz} valid / "
         f"{data.test.nnz} test interactions in {data.path}")
+    shift = data.popularity_shift()
+    popularity = popularity_note(shift)
+    if popularity:
+        log(f"[data] {popularity.replace('**', '')}")
     teachers = train_teachers(cfg, data, log, on_epoch)
     student = train_stage(cfg, "student", data, layout.student, teachers, log, on_epoch)
     control = train_stage(without_distillation(cfg), "student", data, layout.student_alone, [], log, on_epoch)
@@ -149,7 +153,7 @@ def run_pipeline(cfg: Config, log=print, on_epoch: OnEpoch | None = None) -> Run
     seconds = time.perf_counter() - t0
     summary = {"name": cfg.name, "rows": rows, "seconds": seconds,
                "data": {"n_users": data.n_users, "n_items": data.n_items, "train": data.train.nnz,
-                        "valid": data.valid.nnz, "test": data.test.nnz}}
+                        "valid": data.valid.nnz, "test": data.test.nnz, "popularity_shift": shift}}
     atomic_write_text(layout.metrics, json.dumps(summary, indent=2) + "\n")
     if cfg.has_validation:  # without one there is no validation curve to draw
         learning_curves(histories, cfg.select_metric, layout.learning_curves)
@@ -157,7 +161,7 @@ def run_pipeline(cfg: Config, log=print, on_epoch: OnEpoch | None = None) -> Run
                          rows[-1][f"valid_{cfg.select_metric}"]) if cfg.has_validation else
             "No validation split (data.split_ratios): every model is its last epoch, and the teacher was not "
             "compared with the student alone before distilling.")
-    table = format_table(rows) + (f"\n\n{note}" if note else "")
+    table = format_table(rows) + "".join(f"\n\n{n}" for n in (note, popularity) if n)
     atomic_write_text(layout.report, _report(cfg, data, table, seconds))
     log("\n" + table)
     log(f"\nrun directory: {cfg.run_dir}  ({seconds:.0f} s)")

@@ -16,8 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from kdray.config import DataConfig, fingerprint, load_config
-from kdray.data.prepare import (ITEMS, META, TRAIN_BY_USER, USERS, PreparedData, k_core, load_prepared, prepare,
-                                ratio_counts)
+from kdray.data.prepare import (ITEMS, META, TRAIN_BY_USER, USERS, PreparedData, k_core, load_prepared,
+                                popularity_note, prepare, ratio_counts)
+from kdray.sparse import Csr
 from kdray.data.readers import load_raw
 from kdray.errors import ConfigError, DataError
 
@@ -473,3 +474,55 @@ def test_synthetic_default_prepares(tmp_path):
     loo = prepare(DataConfig(**{**cfg.__dict__, "split": "loo"}), tmp_path / "loo")
     n = loo.train.row_lengths() + loo.valid.row_lengths() + loo.test.row_lengths()
     assert ((loo.test.row_lengths() == 1) == (n >= 2)).all() and ((loo.valid.row_lengths() == 1) == (n >= 3)).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation against test: are the pairs a model is picked on like the pairs it is scored on?
+
+
+def split_data(train_items, valid_items, test_items, n_items: int = 4) -> PreparedData:
+    """One pair per user in each listed split (user k gets the k-th item), so each list is its split's items."""
+    def csr(items):
+        return Csr.from_pairs(np.arange(len(items)), np.asarray(items), 8, n_items)
+
+    return PreparedData(path=Path("."), n_users=8, n_items=n_items, train=csr(train_items), valid=csr(valid_items),
+                        test=csr(test_items), user_ids=np.arange(8).astype(str),
+                        item_ids=np.arange(n_items).astype(str), user_features=None, item_features=None, meta={})
+
+
+def test_popularity_shift_matches_hand_computed_values_and_welchs_t():
+    from scipy.stats import ttest_ind
+
+    # training popularity: item 0 -> 4, item 1 -> 2, items 2 and 3 -> 1
+    data = split_data([0, 0, 0, 0, 1, 1, 2, 3], valid_items=[2, 3, 1, 1], test_items=[0, 0, 1, 0])
+    shift = data.popularity_shift()
+    # valid popularities 1, 1, 2, 2: mean 1.5, sample variance 1/3; test 4, 4, 2, 4: mean 3.5, variance 1
+    # se = sqrt(1/3 / 4 + 1 / 4) = sqrt(1/3); z = 2 / sqrt(1/3)
+    assert shift == pytest.approx({"valid_mean": 1.5, "test_mean": 3.5, "relative": 2 / 1.5, "z": 2 * 3 ** 0.5})
+    assert shift["z"] == pytest.approx(ttest_ind([4, 4, 2, 4], [1, 1, 2, 2], equal_var=False).statistic)
+    assert split_data([0, 1, 2, 3], valid_items=[2], test_items=[0, 1]).popularity_shift() is None  # one valid pair
+
+
+def test_popularity_note_needs_a_large_and_a_clear_difference():
+    note = popularity_note({"valid_mean": 67.3, "test_mean": 83.0, "relative": 0.233, "z": 40.0})  # Gowalla-like
+    assert "differ in item popularity" in note and "83.0" in note and "67.3" in note and "+23%" in note
+    assert popularity_note({"valid_mean": 134.8, "test_mean": 133.7, "relative": -0.008, "z": -0.9}) is None
+    assert popularity_note({"valid_mean": 10, "test_mean": 13, "relative": 0.3, "z": 2.0}) is None  # too few pairs
+    assert popularity_note({"valid_mean": 10, "test_mean": 9.8, "relative": -0.02, "z": -9.0}) is None  # too small
+    assert "-30%" in popularity_note({"valid_mean": 10, "test_mean": 7, "relative": -0.3, "z": -5.0})
+    assert popularity_note(None) is None
+
+
+def test_a_given_test_file_of_popular_items_is_flagged_and_a_random_split_is_not(tmp_path):
+    rng = np.random.default_rng(0)
+    # 200 users; training items drawn with a long tail; the given test file holds only the 5 most popular items
+    weights = 1.0 / np.arange(1, 101)
+    train = {u: sorted(rng.choice(100, 20, replace=False, p=weights / weights.sum()).tolist()) for u in range(200)}
+    test = {u: sorted(set(range(5)) - set(train[u]))[:1] for u in range(200)}  # a popular item the user has not had
+    write(tmp_path / "train.txt", "".join(f"{u} {' '.join(map(str, it))}\n" for u, it in train.items()))
+    write(tmp_path / "test.txt", "".join(f"{u} {' '.join(map(str, it))}\n" for u, it in test.items() if it))
+    given = prepare(cfg_for("lightgcn", tmp_path, split="given", split_ratios=(0.9, 0.1, 0.0)), tmp_path / "given")
+    shift = given.popularity_shift()
+    assert shift["relative"] > 0.1 and shift["z"] > 3 and "differ in item popularity" in popularity_note(shift)
+    shuffled = prepare(DataConfig(n_users=300, n_items=200, n_interactions=9000), tmp_path / "random")
+    assert popularity_note(shuffled.popularity_shift()) is None

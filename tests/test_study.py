@@ -18,7 +18,7 @@ import pytest
 
 from kdray.cli import main
 from kdray.config import load_config
-from kdray.tune.study import compare, mean_std, study_config, study_spaces
+from kdray.tune.study import compare, mean_std, study_config, study_spaces, verdict
 from kdray.tune.teacher import teacher_note
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +69,16 @@ def test_teacher_note_only_when_no_teacher_beats_the_student_alone():
     note = teacher_note("ndcg@10", [0.22, 0.222], 0.241)
     assert "no better than the student alone" in note and "0.2220" in note and "0.2410" in note
     assert teacher_note("ndcg@10", [0.24], 0.24) is not None  # equal is not better
+
+
+def test_the_verdict_says_when_validation_and_test_differ_in_item_popularity():
+    r = _result(8, 400, [0.20, 0.22, 0.24], [0.26, 0.27, 0.28])
+    r.update(summary=compare(*r["arms"].values()), valid={"winners": {"teacher": 0.30, "alone": 0.20}})
+    assert not any("popularity" in line for line in verdict(r))  # a result written before the field existed
+    r["popularity_shift"] = {"valid_mean": 67.3, "test_mean": 83.0, "relative": 0.233, "z": 40.0}
+    assert "Validation and test differ in item popularity" in verdict(r)[-1] and "**" not in verdict(r)[-1]
+    r["popularity_shift"] = {"valid_mean": 134.8, "test_mean": 133.7, "relative": -0.008, "z": -0.9}
+    assert not any("popularity" in line for line in verdict(r))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -306,6 +316,7 @@ def test_a_tiny_study_writes_every_field_for_three_arms_and_three_seeds(study):
     assert r["command"].startswith("kdray study ") and "study.dataset=tiny" in r["command"]
     assert r["summary"]["gain"] == pytest.approx(sum(r["arms"]["distilled"]) / 3 - sum(r["arms"]["alone"]) / 3)
     assert isinstance(r["teacher_beats_alone_on_valid"], bool)
+    assert r["popularity_shift"]["valid_mean"] > 0 and abs(r["popularity_shift"]["z"]) < 3  # a random split
     run = study["tmp"] / "runs" / "study-tiny-d4"
     assert "Trial status" in (run / "logs" / "ray.log").read_text()  # Tune's progress table, not on the console
     home = Path(r["teacher_run"])  # the teacher arm lives beside the study, for every student size to share

@@ -131,6 +131,9 @@ def test_kdray_run_end_to_end(ray_cluster, tmp_path, capsys):
         assert 0.0 <= r["test_ndcg@10"] <= 1.0 and r["latency_ms_per_1000_users"] > 0
     assert summary["rows"][2]["compression"] < 0.2
     assert (run / "report.md").read_text().startswith("# kdray run `e2e`")
+    # a random split: validation and test items alike in popularity, recorded and not flagged
+    assert abs(summary["data"]["popularity_shift"]["relative"]) < 0.1
+    assert "popularity" not in (run / "report.md").read_text()
     assert (run / "config.yaml").exists() and (run / "data" / "train_by_user.parquet").exists()
     out = capsys.readouterr().out
     assert "| student (distilled) |" in out and "ndcg@10 (test)" in out

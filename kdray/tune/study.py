@@ -62,6 +62,7 @@ from typing import Any
 
 from kdray.checkpoint import check_matches_data, check_same_training_split, load_checkpoint, stage_key
 from kdray.config import TOP_K_ORDER_LOSSES, Config, fingerprint, replace, to_dict
+from kdray.data.prepare import popularity_note
 from kdray.errors import CheckpointError, ConfigError, KdrayError
 from kdray.layout import RunLayout, atomic_replace_dir, atomic_write_text
 from kdray.tune.asha import grace_period
@@ -382,6 +383,9 @@ def run_study(cfg: Config, resume: bool = False, log: Callable[[str], None] = pr
         "seeds": list(cfg.study.seeds),
         "summary": compare(*(scores[test_key][a] for a in STUDY_ARMS)),
         "teacher_beats_alone_on_valid": winners_valid["teacher"] > winners_valid["alone"],
+        # how far the split's test items are from its validation items in training popularity (picked on one,
+        # reported on the other; kdray.data.prepare.popularity_note)
+        "popularity_shift": data.popularity_shift(),
         # study.losses: each extra loss's distilled arm, against the same teacher and student alone
         "losses": {loss: {"arm": arm, "arms": scores[test_key][arm], "recall": scores[recall_key][arm],
                           "valid": scores[valid_key][arm], "winner_valid": winners_valid[arm],
@@ -440,4 +444,7 @@ def verdict(result: dict[str, Any]) -> list[str]:
     else:
         lines.append(f"on validation {teacher} beats the tuned student alone ({v['teacher']:.4f} vs "
                      f"{v['alone']:.4f})")
+    popularity = popularity_note(result.get("popularity_shift"))
+    if popularity:
+        lines.append(popularity.replace("**", ""))
     return lines
