@@ -8,7 +8,9 @@ popularity of their items (interactions in the training split): mean, median, an
 among the 1% and 10% most popular items. When validation is carved at random from the same pool as training (as
 kdray does for Gowalla's train.txt) while the test set comes from elsewhere (Gowalla's test.txt), the two can
 differ, and a setting that favours popular items (more regularisation) can then rank lower on validation than on
-test. Results to ``--out`` as JSON; a table on stdout.
+test. It also prints what ``kdray run`` and ``kdray study`` report: the relative difference of the means, its z-score,
+and whether that is past the reports' threshold (``PreparedData.popularity_shift``). Results to ``--out`` as JSON; a
+table on stdout.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing kdray
 
 from kdray.config import load_config  # noqa: E402
-from kdray.data.prepare import prepare  # noqa: E402
+from kdray.data.prepare import popularity_note, prepare  # noqa: E402
 from kdray.sparse import Csr  # noqa: E402
 
 DATASETS = {"gowalla": "configs/gowalla.yaml", "ml-100k": "configs/ml-100k.yaml"}  # folder -> config
@@ -45,10 +47,12 @@ def measure(config: Path, folder: Path) -> dict[str, Any]:
     cfg = load_config(config, [f"data.path={folder}"])
     with tempfile.TemporaryDirectory() as tmp:
         data = prepare(cfg.data, Path(tmp))
-    popularity = data.item_popularity()
+    popularity, shift = data.item_popularity(), data.popularity_shift()
     return {"config": str(config.relative_to(REPO)), "split": cfg.data.split,
             "split_ratios": list(cfg.data.split_ratios), "seed": cfg.data.seed,
-            "valid": popularity_of(data.valid, popularity), "test": popularity_of(data.test, popularity)}
+            "valid": popularity_of(data.valid, popularity), "test": popularity_of(data.test, popularity),
+            # what kdray run / kdray study report (PreparedData.popularity_shift, popularity_note)
+            "shift": shift, "flagged": popularity_note(shift) is not None}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             s = r[split]
             print(f"{name:<9} {split:<6} {s['pairs']:>8,} {s['mean']:>9.1f} {s['median']:>7.0f} "
                   f"{s['share_top1pct']:>7.1%} {s['share_top10pct']:>8.1%}")
+        print(f"{name:<9} test against valid: {r['shift']['relative']:+.1%}, z {r['shift']['z']:.1f}; "
+              f"{'flagged' if r['flagged'] else 'not flagged'} by kdray's reports")
     if args.out:
         args.out.write_text(json.dumps(results, indent=1) + "\n")
     return 0 if results["datasets"] else 1

@@ -54,3 +54,21 @@ def test_split_popularity_counts_each_pair_by_its_items_training_popularity():
     got = _script("split_popularity").popularity_of(pairs, popularity)
     assert got == {"pairs": 4, "mean": (50 + 5 + 50 + 1) / 4, "median": 27.5, "share_top1pct": 0.5,
                    "share_top10pct": 0.5}
+
+
+def test_split_popularity_reports_what_kdrays_reports_flag(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    gowalla = tmp_path / "gowalla"  # the LightGCN layout, a long tail in train.txt, popular items in test.txt
+    gowalla.mkdir()
+    weights = 1.0 / np.arange(1, 101)
+    train = {u: sorted(rng.choice(100, 20, replace=False, p=weights / weights.sum()).tolist()) for u in range(200)}
+    test = {u: sorted(set(range(5)) - set(items))[:1] for u, items in train.items()}
+    (gowalla / "train.txt").write_text("".join(f"{u} {' '.join(map(str, it))}\n" for u, it in train.items()))
+    (gowalla / "test.txt").write_text("".join(f"{u} {' '.join(map(str, it))}\n" for u, it in test.items() if it))
+    out = tmp_path / "popularity.json"
+    assert _script("split_popularity").main(["--data-root", str(tmp_path), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ml-100k   MISSING" in printed and "gowalla   test against valid: +" in printed
+    r = json.loads(out.read_text())["datasets"]["gowalla"]
+    assert r["flagged"] and r["shift"]["test_mean"] == pytest.approx(r["test"]["mean"])
+    assert r["shift"]["valid_mean"] == pytest.approx(r["valid"]["mean"]) and "; flagged by kdray's" in printed
