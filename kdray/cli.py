@@ -4,7 +4,7 @@
     kdray data     [--config FILE] [key=value ...]   prepare the data only
     kdray teacher  [--config FILE] [key=value ...]   train the teacher(s)
     kdray distill  --teacher CKPT [--teacher CKPT ...] [--config FILE] [key=value ...]
-    kdray eval     --checkpoint CKPT [--output FILE.json] [--config FILE] [key=value ...]
+    kdray eval     --checkpoint CKPT [--checkpoint CKPT ...] [--output FILE.json] [--config FILE] [key=value ...]
     kdray tune     [--config FILE] [--resume] [key=value ...]
     kdray study    [--config FILE] [--resume] [key=value ...]   the equal-budget study: teacher, alone, distilled
     kdray serve    --checkpoint CKPT [--config FILE] [key=value ...]
@@ -54,8 +54,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p = sub.add_parser("distill", parents=[common, quiet], help="distil a student from teacher checkpoints")
     p.add_argument("--teacher", action="append", required=True, help="teacher checkpoint directory (repeatable)")
     p.add_argument("--out", help="where to export the student (default RUN/student)")
-    p = sub.add_parser("eval", parents=[common], help="evaluate a checkpoint on the test split")
-    p.add_argument("--checkpoint", required=True)
+    p = sub.add_parser("eval", parents=[common], help="evaluate a checkpoint (or an ensemble) on the test split")
+    p.add_argument("--checkpoint", action="append", required=True,
+                   help="checkpoint directory; repeat it to rank several as one ensemble, the way a student distils "
+                        "them (distill.teacher_weights, or equal weights)")
     p.add_argument("--output", help="also write the metrics, with the checkpoint's model, training settings and "
                                     "epochs, to this JSON file")
     p = sub.add_parser("tune", parents=[common, quiet], help="Ray Tune search over distillation settings")
@@ -169,25 +171,35 @@ def run(argv: Sequence[str] | None = None) -> int:
         from kdray.evaluate import evaluate_checkpoint
         from kdray.pipeline import prepare_data
 
-        ckpt = _require_dir(args.checkpoint, "checkpoint directory")
+        ckpts = [_require_dir(c, "checkpoint directory") for c in args.checkpoint]
         if args.output and Path(args.output).is_dir():
             raise KdrayError(f"--output {args.output} is a directory; give the JSON file to write")
+        if len(ckpts) > 1 and cfg.task == "pointwise":
+            raise KdrayError("kdray eval ranks several checkpoints as one ensemble for the ranking task only; give "
+                             "one --checkpoint for task=pointwise")
         data = prepare_data(cfg)
+        weights = list(cfg.distill.teacher_weights)
         if cfg.task == "pointwise":
             from kdray.pointwise_run import evaluate_pointwise
 
-            metrics = evaluate_pointwise(ckpt, data)
+            metrics = evaluate_pointwise(ckpts[0], data)
+        elif len(ckpts) > 1:
+            from kdray.evaluate import evaluate_ensemble
+
+            metrics = evaluate_ensemble(ckpts, data, weights, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size)
         else:
-            metrics = evaluate_checkpoint(ckpt, data, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size)
+            metrics = evaluate_checkpoint(ckpts[0], data, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size)
         for k, v in metrics.items():
             print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
         if args.output:
             import json
             import shlex
 
-            from kdray.evaluate import evaluation_record
+            from kdray.evaluate import ensemble_record, evaluation_record
 
-            record = evaluation_record(ckpt, data, metrics, shlex.join(["kdray", *argv]))
+            command = shlex.join(["kdray", *argv])
+            record = (ensemble_record(ckpts, data, metrics, command, weights) if len(ckpts) > 1
+                      else evaluation_record(ckpts[0], data, metrics, command))
             try:
                 atomic_write_text(Path(args.output), json.dumps(record, indent=2) + "\n")
             except OSError as e:

@@ -13,9 +13,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from kdray.checkpoint import check_matches_data, load_checkpoint, update_metrics
+from kdray.checkpoint import Checkpoint, check_matches_data, load_checkpoint, update_metrics
 from kdray.data.prepare import PreparedData
-from kdray.errors import CheckpointError
+from kdray.errors import CheckpointError, ConfigError
 from kdray.metrics import full_ranking_evaluate
 from kdray.models import RecModel, count_parameters
 
@@ -51,41 +51,79 @@ def scoring_latency_ms(model: RecModel, n_users: int = 1000, batch_size: int = 1
     return best * 1000.0 * 1000.0 / n_users
 
 
-def evaluate_checkpoint(path: str | Path, data: PreparedData, ks: Sequence[int] = (10, 20),
-                        batch_size: int = 1024, write: bool = True) -> dict[str, Any]:
-    """Test metrics, parameter count and latency of a checkpoint; merged into its metrics.json when ``write``."""
+def _ranking_checkpoint(path: str | Path, data: PreparedData) -> Checkpoint:
     ckpt = load_checkpoint(path)
     if ckpt.pointwise:
         raise CheckpointError(f"checkpoint {path} is a pointwise model; evaluate it with the config of its run "
                               "(task=pointwise, e.g. --config RUN/config.yaml)")
     check_matches_data(ckpt, data)  # the same catalog and ids, or a clear CheckpointError
-    test = evaluate_model(ckpt.model, data, "test", ks, batch_size)
-    out = {f"test_{k}": v for k, v in test.items() if "@" in k}
+    return ckpt
+
+
+def _test_summary(model: torch.nn.Module, data: PreparedData, ks: Sequence[int], batch_size: int) -> dict[str, Any]:
+    test = evaluate_model(model, data, "test", ks, batch_size)
+    out: dict[str, Any] = {f"test_{k}": v for k, v in test.items() if "@" in k}
     out["test_n_users"] = test["n_users_evaluated"]
-    out["n_params"] = count_parameters(ckpt.model)
-    out["latency_ms_per_1000_users"] = scoring_latency_ms(ckpt.model)
+    out["n_params"] = count_parameters(model)
+    out["latency_ms_per_1000_users"] = scoring_latency_ms(model)
+    return out
+
+
+def evaluate_checkpoint(path: str | Path, data: PreparedData, ks: Sequence[int] = (10, 20),
+                        batch_size: int = 1024, write: bool = True) -> dict[str, Any]:
+    """Test metrics, parameter count and latency of a checkpoint; merged into its metrics.json when ``write``."""
+    out = _test_summary(_ranking_checkpoint(path, data).model, data, ks, batch_size)
     if write:
         update_metrics(path, out)
     return out
 
 
-def evaluation_record(path: str | Path, data: Any, metrics: dict[str, Any], command: str) -> dict[str, Any]:
-    """What ``kdray eval --output`` writes: the test metrics of a checkpoint with what it is and how it was trained
-    (its model and training settings, its training pairs against the evaluation data's, its epochs), so that a table
-    of models can be generated from files instead of copied from the console."""
+def evaluate_ensemble(paths: Sequence[str | Path], data: PreparedData, weights: Sequence[float] | None = None,
+                      ks: Sequence[int] = (10, 20), batch_size: int = 1024) -> dict[str, Any]:
+    """The same summary for several checkpoints ranked as one ensemble, the way a student distils them
+    (:class:`kdray.distill.teacher.Ensemble`): what the distilled student is trained to reproduce. Parameters are
+    the members' sum. Nothing is written into the members' checkpoints."""
+    from kdray.distill.teacher import Ensemble
+
+    members = [_ranking_checkpoint(p, data).model for p in paths]
+    if weights and len(weights) != len(members):
+        raise ConfigError(f"distill.teacher_weights has {len(weights)} weights for {len(members)} checkpoints: give "
+                          "one per checkpoint, or none for equal weights")
+    return _test_summary(Ensemble(members, list(weights or []) or None), data, ks, batch_size)
+
+
+def _trained_model(path: str | Path, data: Any) -> dict[str, Any]:
+    """What a checkpoint is and how it was trained: its model and training settings, its training pairs against the
+    evaluation data's, its epochs."""
     ckpt = load_checkpoint(path)
     role = ckpt.meta.get("role", "")
     trained = {k: v for k, v in ckpt.metrics.items()
                if k in ("best_epoch", "epochs_run", "train_seconds") or k.startswith("valid_")}
     return {
-        "checkpoint": str(path), "command": command, "role": role,
-        "model": ckpt.config.get(role, {}), "train": ckpt.config.get(f"{role}_train", {}),
+        "role": role, "model": ckpt.config.get(role, {}), "train": ckpt.config.get(f"{role}_train", {}),
         "data": ckpt.config.get("data", {}),
         # a refit (no validation split) trains on train + valid of the evaluation's split; the pointwise task's
         # data (kdray.data.pointwise_data) counts rows per split instead
         **({"pairs": {"trained_on": int(ckpt.vocab.seen.nnz), "train": int(data.train.nnz),
                       "valid": int(data.valid.nnz), "test": int(data.test.nnz)}} if isinstance(data, PreparedData)
            else {"rows": dict(data.counts)}),
-        "trained": trained, "n_params": metrics["n_params"],
-        "test": {k: v for k, v in metrics.items() if k.startswith("test_")},
+        "trained": trained,
     }
+
+
+def evaluation_record(path: str | Path, data: Any, metrics: dict[str, Any], command: str) -> dict[str, Any]:
+    """What ``kdray eval --output`` writes: the test metrics of a checkpoint with what it is and how it was trained
+    (its model and training settings, its training pairs against the evaluation data's, its epochs), so that a table
+    of models can be generated from files instead of copied from the console."""
+    return {"checkpoint": str(path), "command": command, **_trained_model(path, data),
+            "n_params": metrics["n_params"], "test": {k: v for k, v in metrics.items() if k.startswith("test_")}}
+
+
+def ensemble_record(paths: Sequence[str | Path], data: Any, metrics: dict[str, Any], command: str,
+                    weights: Sequence[float] | None) -> dict[str, Any]:
+    """``kdray eval --output`` for several checkpoints ranked as one ensemble: each member as
+    :func:`evaluation_record` describes it (without test metrics of its own), the weights, the ensemble's metrics."""
+    return {"checkpoints": [str(p) for p in paths], "command": command, "role": "ensemble",
+            "weights": list(weights) if weights else None,
+            "members": [{"checkpoint": str(p), **_trained_model(p, data)} for p in paths],
+            "n_params": metrics["n_params"], "test": {k: v for k, v in metrics.items() if k.startswith("test_")}}

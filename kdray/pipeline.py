@@ -32,7 +32,7 @@ from kdray.checkpoint import load_checkpoint, stage_key
 from kdray.config import Config, fingerprint, replace, to_dict
 from kdray.data.prepare import PreparedData, popularity_note, prepare
 from kdray.distill import without_distillation
-from kdray.evaluate import evaluate_checkpoint
+from kdray.evaluate import evaluate_checkpoint, evaluate_ensemble
 from kdray.layout import RunLayout, atomic_write_text
 from kdray.plots import learning_curves
 from kdray.tracking import TensorBoardLog
@@ -147,6 +147,15 @@ def run_pipeline(cfg: Config, log=print, on_epoch: OnEpoch | None = None) -> Run
         rows.append({"model": label, "path": str(path), **metrics, "train_seconds": trained.get("train_seconds"),
                      "best_epoch": trained.get("best_epoch"), "tuning": tuning[label],
                      f"valid_{cfg.select_metric}": trained.get(f"valid_{cfg.select_metric}")})
+    if len(teachers) > 1:  # what the student is distilled toward: the teachers ranked as one
+        log("[eval] teacher ensemble: test split, full ranking")
+        metrics = evaluate_ensemble(teachers, data, cfg.distill.teacher_weights, ks=cfg.eval.ks,
+                                    batch_size=cfg.eval.batch_size)
+        rows.insert(len(teachers), {
+            "model": "teacher ensemble", "path": ", ".join(str(p) for p in teachers), **metrics,
+            "train_seconds": sum(r["train_seconds"] or 0 for r in rows[:len(teachers)]), "best_epoch": None,
+            "tuning": f"the {len(teachers)} teachers above ranked as one, as the student distils them",
+            f"valid_{cfg.select_metric}": None})
     teacher_params = rows[0]["n_params"]
     for row in rows:
         row["compression"] = row["n_params"] / teacher_params

@@ -195,3 +195,31 @@ def test_embedding_l2_is_validated_and_reaches_the_objective():
     assert Objective.from_config(cfg, "teacher", N_ITEMS).embedding_l2 == 0.0
     with pytest.raises(ConfigError, match="teacher_train.embedding_l2"):
         load_config(None, ["teacher_train.embedding_l2=-1"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The ensemble a student distils from, as one model (kdray.distill.teacher.Ensemble).
+
+
+def test_an_ensemble_ranks_by_the_mixture_of_its_members_softmax():
+    from kdray.distill.teacher import Ensemble
+
+    torch.manual_seed(0)
+    a, b = (build_model("mf", n_users=N_USERS, n_items=N_ITEMS, dim=d).eval() for d in (4, 16))
+    users = torch.tensor([0, 3, 5])
+    with torch.no_grad():
+        pa_, pb = a.score_all(users).softmax(1).numpy(), b.score_all(users).softmax(1).numpy()
+        got = Ensemble([a, b], [3.0, 1.0]).score_all(users).numpy()
+        np.testing.assert_allclose(np.exp(got), 0.75 * pa_ + 0.25 * pb, rtol=1e-5)  # weights normalised
+        np.testing.assert_allclose(np.exp(Ensemble([a, b]).score_all(users).numpy()), (pa_ + pb) / 2, rtol=1e-5)
+        assert torch.equal(Ensemble([a]).score_all(users), a.score_all(users))  # one member: its own logits
+    ensemble = Ensemble([a, b])
+    assert sum(p.numel() for p in ensemble.parameters()) == sum(p.numel() for m in (a, b) for p in m.parameters())
+    assert (ensemble.n_users, ensemble.n_items) == (N_USERS, N_ITEMS)
+    other = build_model("mf", n_users=N_USERS, n_items=N_ITEMS + 1, dim=4)
+    with pytest.raises(ValueError, match="differ in"):
+        Ensemble([a, other])
+    with pytest.raises(ValueError, match="3 weights for 2 members"):
+        Ensemble([a, b], [1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="at least one"):
+        Ensemble([])

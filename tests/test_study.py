@@ -252,6 +252,26 @@ def test_report_script_writes_the_trained_models_table_between_its_own_markers(t
     assert "lightgcn-64" not in plain.read_text()  # only where the markers are
 
 
+def test_report_script_joins_an_ensembles_members_in_one_row(tmp_path):
+    report = _load_report_script()
+    results = _write_results(tmp_path, _result(8, 400, [0.20, 0.22, 0.24], [0.26, 0.27, 0.28]))
+    (results / "teachers").mkdir()
+    small, large = _eval_record(1000, 0.18, 0.15, 28, 28), _eval_record(1000, 0.18, 0.15, 23, 23)
+    large["model"]["dim"] = 128
+    ensemble = {"checkpoints": ["/x/a", "/x/b"], "role": "ensemble", "weights": None, "n_params": 13_601_088,
+                "command": "kdray eval --checkpoint /x/a --checkpoint /x/b data.path=/x/data/gowalla",
+                "members": [small, large], "test": {**small["test"], "test_recall@20": 0.19, "test_ndcg@20": 0.16}}
+    (results / "teachers" / "e.json").write_text(json.dumps(ensemble))
+    bench = tmp_path / "BENCHMARKS.md"
+    bench.write_text(f"{report.TEACHERS_BEGIN}\n{report.TEACHERS_END}\n")
+    assert report.main(["--results", str(results), "--benchmarks", str(bench)]) == 0
+    text = bench.read_text()
+    # equal cells appear once, different ones joined
+    assert "| ensemble: lightgcn-64 (seed 0) + lightgcn-128 (seed 0) | 0.01 / 0.001 / 1,024 | 1,000 (train + valid, " \
+           "100%) | 28 / 28 + 23 / 23 | 13,601,088 | 0.1900 | 0.1600 |" in text
+    assert "    kdray eval --checkpoint CKPT --checkpoint CKPT data.path=DATA/gowalla" in text
+
+
 def test_report_script_compares_the_losses_of_a_study_with_extra_losses(tmp_path):
     report = _load_report_script()
     r = _result(8, 400, [0.20, 0.22, 0.24], [0.26, 0.27, 0.28])

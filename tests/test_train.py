@@ -124,12 +124,16 @@ def test_kdray_run_end_to_end(ray_cluster, tmp_path, capsys):
     run = tmp_path / "e2e"
     summary = json.loads((run / "metrics.json").read_text())
     models = [r["model"] for r in summary["rows"]]
-    assert models == ["teacher", "teacher-2", "student (distilled)", "student (alone)"]
+    assert models == ["teacher", "teacher-2", "teacher ensemble", "student (distilled)", "student (alone)"]
     lineage = load_checkpoint(run / "student").meta["lineage"]
     assert [Path(t).name for t in lineage["teachers"]] == ["teacher", "teacher-2"]
     for r in summary["rows"]:
         assert 0.0 <= r["test_ndcg@10"] <= 1.0 and r["latency_ms_per_1000_users"] > 0
-    assert summary["rows"][2]["compression"] < 0.2
+    assert summary["rows"][3]["compression"] < 0.2
+    # the ensemble row: both teachers ranked as one, as the student distils them
+    joint = summary["rows"][2]
+    assert joint["n_params"] == summary["rows"][0]["n_params"] + summary["rows"][1]["n_params"]
+    assert joint["compression"] == 2.0 and "ranked as one" in joint["tuning"]
     assert (run / "report.md").read_text().startswith("# kdray run `e2e`")
     # a random split: validation and test items alike in popularity, recorded and not flagged
     assert abs(summary["data"]["popularity_shift"]["relative"]) < 0.1
@@ -164,6 +168,20 @@ def test_cli_stages_one_at_a_time(ray_cluster, tmp_path, capsys):
     assert record["command"].startswith("kdray eval --checkpoint") and record["n_params"] > 0
     assert main(["eval", "--checkpoint", str(teacher), "--output", str(tmp_path), *args]) == 2
     assert f"--output {tmp_path} is a directory" in capsys.readouterr().err
+    # several checkpoints rank as one ensemble, the way a student distils them: a model twice ranks as itself
+    twice = tmp_path / "results" / "twice.json"
+    assert main(["eval", "--checkpoint", str(teacher), "--checkpoint", str(teacher), "--output", str(twice),
+                 *args]) == 0
+    ensemble = json.loads(twice.read_text())
+    assert ensemble["role"] == "ensemble" and [m["model"]["dim"] for m in ensemble["members"]] == [32, 32]
+    assert ensemble["n_params"] == 2 * record["n_params"] and ensemble["weights"] is None
+    assert ensemble["test"]["test_ndcg@10"] == pytest.approx(record["test"]["test_ndcg@10"])
+    assert ensemble["test"]["test_recall@10"] == pytest.approx(record["test"]["test_recall@10"])
+    capsys.readouterr()
+    student = tmp_path / "stages" / "student"
+    assert main(["eval", "--checkpoint", str(teacher), "--checkpoint", str(student), *args, "distill.n_teachers=3",
+                 "distill.teacher_weights=[1,2,3]"]) == 2
+    assert "distill.teacher_weights has 3 weights for 2 checkpoints" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -34,6 +34,31 @@ def frozen(model: RecModel) -> RecModel:
     return model
 
 
+class Ensemble(torch.nn.Module):
+    """Several teachers scored as one: the ranking a student distils them into, the mixture of their softmax
+    distributions over the catalog (:func:`kdray.distill.losses.ensemble_teacher_logits` at T = 1, ``weights``
+    normalised, None = uniform). It has a RecModel's ``n_users``, ``n_items`` and ``score_all``, so the evaluation and
+    latency code take it as they take one model; its parameters are the members'."""
+
+    def __init__(self, members: list[RecModel], weights: list[float] | None = None):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        sizes = {(m.n_users, m.n_items) for m in members}
+        if len(sizes) != 1:
+            raise ValueError(f"the members differ in (users, items): {sorted(sizes)}")
+        if weights and len(weights) != len(members):
+            raise ValueError(f"{len(weights)} weights for {len(members)} members")
+        self.members = torch.nn.ModuleList(members)
+        self.weights = list(weights) if weights else None
+        self.n_users, self.n_items = members[0].n_users, members[0].n_items
+
+    def score_all(self, users: torch.Tensor) -> torch.Tensor:
+        """``[B, n_items]``: one member's logits, or the log of the members' softmax mixture."""
+        logits = [m.score_all(users) for m in self.members]
+        return losses.ensemble_teacher_logits(logits, self.weights, kind="rd") if len(logits) > 1 else logits[0]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Cached teacher top-K (distill.cached_topk): Ray Data batch inference, once, before the student trains.
 
@@ -47,15 +72,13 @@ class TeacherTopK:
 
         torch.set_num_threads(n_threads)
         states = [ray.get(t) if isinstance(t, ray.ObjectRef) else t for t in teachers]
-        self.teachers = [frozen(rebuild(s)) for s in states]
-        self.weights, self.k = weights, k
+        self.ensemble = frozen(Ensemble([rebuild(s) for s in states], weights))
+        self.k = k
 
     def __call__(self, table: pa.Table) -> pa.Table:
         batch = table_batch(table)
         with torch.inference_mode():
-            logits = [t.score_all(batch.users) for t in self.teachers]
-            combined = losses.ensemble_teacher_logits(logits, self.weights, kind="rd") if len(logits) > 1 else logits[0]
-            combined = combined.clone()
+            combined = self.ensemble.score_all(batch.users).clone()
             combined[batch.pos_rows, batch.pos_items] = -math.inf  # unobserved items only
             items = combined.topk(self.k, dim=1).indices  # sorted: the teacher's order
         return table.append_column("t_items", pa.FixedSizeListArray.from_arrays(pa.array(items.reshape(-1).numpy()),
