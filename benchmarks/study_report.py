@@ -210,8 +210,11 @@ def block(by_dataset: dict[str, list[dict[str, Any]]], results_dir: Path) -> str
 
 
 def load_model_records(results_dir: Path) -> list[dict[str, Any]]:
-    """The ``kdray eval --output`` records under ``results_dir/teachers/``, in file-name order."""
-    return [json.loads(p.read_text()) for p in sorted((results_dir / "teachers").glob("*.json"))]
+    """The ``kdray eval --output`` records under ``results_dir/teachers/``, by the pairs they trained on, then size
+    (an ensemble after its members)."""
+    records = [json.loads(p.read_text()) for p in sorted((results_dir / "teachers").glob("*.json"))]
+    return sorted(records, key=lambda r: (max(m["pairs"]["trained_on"] for m in r.get("members", [r])),
+                                          r["n_params"]))
 
 
 def _model_cells(r: dict[str, Any]) -> tuple[str, str, str, str]:
