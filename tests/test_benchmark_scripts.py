@@ -72,3 +72,13 @@ def test_split_popularity_reports_what_kdrays_reports_flag(tmp_path, capsys):
     r = json.loads(out.read_text())["datasets"]["gowalla"]
     assert r["flagged"] and r["shift"]["test_mean"] == pytest.approx(r["test"]["mean"])
     assert r["shift"]["valid_mean"] == pytest.approx(r["valid"]["mean"]) and "; flagged by kdray's" in printed
+
+
+@pytest.mark.timeout(120)
+def test_ensemble_mixture_smoke_test_checks_both_ways_agree(tmp_path, capsys):
+    out = tmp_path / "mixture.json"
+    _script("ensemble_mixture").main(["--smoke-test", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert [(s["teachers"], s["users"]) for s in result["settings"]] == [(2, 256), (2, 1000), (3, 256), (3, 1000)]
+    assert all(s["max_abs_difference"] <= 1e-4 and len(s["seconds"]["stacked"]) == 2 for s in result["settings"])
+    assert "one at a time" in capsys.readouterr().out

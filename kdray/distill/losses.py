@@ -16,6 +16,7 @@ Conventions shared by the distillation losses:
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -258,9 +259,10 @@ def ensemble_teacher_logits(teacher_logits: Sequence[Tensor], weights: Sequence[
     if mask is not None:
         check_pair(teacher_logits[0], teacher_logits[0], mask)
     w = _normalised_weights(len(teacher_logits), weights)
-    stacked = torch.stack([t.detach() for t in teacher_logits])  # [M, B, C]
-    log_w = torch.tensor(w, dtype=stacked.dtype, device=stacked.device).log().view(-1, 1, 1)  # [M, 1, 1]
-    fill = masked_value(stacked.dtype)
+    fill = masked_value(teacher_logits[0].dtype)
+    if kind in ("mse", "soft_bce"):
+        stacked = torch.stack([t.detach() for t in teacher_logits])  # [M, B, C]
+        log_w = torch.tensor(w, dtype=stacked.dtype, device=stacked.device).log().view(-1, 1, 1)  # [M, 1, 1]
     if kind == "mse":
         return (stacked * log_w.exp()).sum(dim=0)
     if kind == "soft_bce":
@@ -270,10 +272,18 @@ def ensemble_teacher_logits(teacher_logits: Sequence[Tensor], weights: Sequence[
         out = temperature * (log_p - log_1mp)
     else:
         t = 1.0 if kind in ("rd", "rrd") else temperature
-        z = stacked / t
-        if mask is not None:
-            z = z.masked_fill(mask, fill)
-        out = t * torch.logsumexp(log_w + torch.log_softmax(z, dim=-1), dim=0)  # [B, C]
+        mixture = None  # log sum_m w_m softmax(z_m), one teacher at a time: torch.logaddexp of two [B, C] blocks is
+        # stable and 1.3-1.5x faster on CPU than a logsumexp over the teacher dim of a stacked [M, B, C] block
+        # (benchmarks/ensemble_mixture.py: 2 or 3 teachers, 256 or 1,000 users, 40,981 items)
+        for logits, wm in zip(teacher_logits, w):
+            if wm == 0:
+                continue
+            z = logits.detach() / t
+            if mask is not None:
+                z = z.masked_fill(mask, fill)
+            term = torch.log_softmax(z, dim=-1) + math.log(wm)
+            mixture = term if mixture is None else torch.logaddexp(mixture, term)
+        out = t * mixture  # [B, C]
     return out if mask is None else out.masked_fill(mask, fill)
 
 
