@@ -222,7 +222,7 @@ def head(tmp_path_factory) -> Iterator[Head]:
         yield Head(client=client, gcs_port=gcs_port, dashboard=f"http://127.0.0.1:{dashboard_port}",
                    env=env, log=log)
     finally:
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its node on SIGTERM (RAY_NOTES.md)
+        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its node cleanly on SIGTERM to that one process
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:

@@ -50,7 +50,7 @@ def test_softmax_ce_hand_computed():
 
 
 def test_softmax_ce_equals_one_cross_entropy_per_pair():
-    # DESIGN.md "batch by users": one log_softmax per user == the mean of F.cross_entropy over (user, item) pairs
+    # batches of users: one log_softmax per user == the mean of F.cross_entropy over (user, item) pairs
     logits, _ = _random(6, 9)
     targets = (torch.rand(6, 9, generator=torch.Generator().manual_seed(1)) < 0.3).float()
     rows, cols = targets.nonzero(as_tuple=True)
