@@ -31,6 +31,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing kdray
 
+from benchmarks.alternating import alternate  # noqa: E402
 from kdray.distill import losses  # noqa: E402
 from kdray.models import build_model  # noqa: E402
 from kdray.train.objective import Batch, Objective, batch_from_lists, batch_loss, hard_loss  # noqa: E402
@@ -108,13 +109,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             same = abs(float(columns()) - float(dense())) <= 1e-5 * abs(float(dense()))
         if not same:
             raise SystemExit(f"{kind}: the two paths disagree ({float(columns())} vs {float(dense())})")
-        times: dict[str, list[float]] = {"columns": [], "dense": []}
-        for _ in range(2):
-            timed_step(columns, model), timed_step(dense, model)
-        for i in range(args.repeats):  # alternate, so that load changes fall on both paths alike
-            order = (("columns", columns), ("dense", dense)) if i % 2 == 0 else (("dense", dense), ("columns", columns))
-            for name, step in order:
-                times[name].append(timed_step(step, model))
+        times = alternate({"columns": lambda: timed_step(columns, model), "dense": lambda: timed_step(dense, model)},
+                          args.repeats, warmup=2)
         med = {name: statistics.median(ts) for name, ts in times.items()}
         result["losses"][kind] = {"median_seconds": med, "seconds": times, "same_loss": same,
                                   "dense_over_columns": med["dense"] / med["columns"]}

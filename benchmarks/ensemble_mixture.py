@@ -29,6 +29,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing kdray
 
+from benchmarks.alternating import alternate  # noqa: E402
 from kdray.distill import losses  # noqa: E402
 
 
@@ -71,13 +72,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             gap = float((one_at_a_time() - stacked()).abs().max())
             if gap > 1e-4:
                 raise SystemExit(f"{n_teachers} teachers, {users} users: the two ways differ by {gap}")
-            times: dict[str, list[float]] = {"one_at_a_time": [], "stacked": []}
-            for i in range(args.repeats + 1):  # alternate; the first round warms up and is dropped
-                order = [("one_at_a_time", one_at_a_time), ("stacked", stacked)][:: 1 if i % 2 == 0 else -1]
-                for name, fn in order:
-                    seconds = timed(fn)
-                    if i:
-                        times[name].append(seconds)
+            times = alternate({"one_at_a_time": lambda: timed(one_at_a_time), "stacked": lambda: timed(stacked)},
+                              args.repeats, warmup=1)
             med = {name: statistics.median(ts) for name, ts in times.items()}
             result["settings"].append({"teachers": n_teachers, "users": users, "median_seconds": med,
                                        "seconds": times, "max_abs_difference": gap,
