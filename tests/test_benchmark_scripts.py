@@ -82,3 +82,22 @@ def test_ensemble_mixture_smoke_test_checks_both_ways_agree(tmp_path, capsys):
     assert [(s["teachers"], s["users"]) for s in result["settings"]] == [(2, 256), (2, 1000), (3, 256), (3, 1000)]
     assert all(s["max_abs_difference"] <= 1e-4 and len(s["seconds"]["stacked"]) == 2 for s in result["settings"])
     assert "one at a time" in capsys.readouterr().out
+
+
+def test_fit_floor_counts_the_ray_processes_that_start_during_a_run_and_the_cpu_it_took():
+    import subprocess
+
+    bench = _script("fit_floor")
+    measured = bench.Measured()
+
+    def run() -> None:  # a process titled like a Ray actor, and some CPU work in this one
+        proc = subprocess.Popen(["bash", "-c", 'exec -a "ray::FakeActor" sleep 1'])
+        sum(i * i for i in range(3_000_000))
+        proc.wait()
+
+    seconds = measured(run)
+    (record,) = measured.records
+    assert record["seconds"] == seconds >= 1.0
+    assert "ray::FakeActor" in record["processes"]  # (a Ray cluster of this session may start workers meanwhile)
+    assert record["cpu_seconds"] > 0.05  # the loop above, at least
+    assert measured(lambda: None) < 1.0 and "ray::FakeActor" not in measured.records[1]["processes"]
