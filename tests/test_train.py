@@ -62,7 +62,8 @@ def test_teacher_trains_loss_falls_and_checkpoint_loads(trained):
 
 
 # Each case is one Ray Train run (~20 s on 2 cores): together they cover a live teacher under DDP, the cached top-K
-# with a PCA start and a streamed shard, sampled softmax, and every ranking loss but listwise (test_lightgcn_train).
+# with a PCA start and a streamed shard, sampled softmax, and the kl, rd, rrd and mse losses (listwise is in
+# test_lightgcn_train).
 @pytest.mark.parametrize("extra", [
     ["distill.loss=kl", "distill.alpha=0.5", "distill.temperature=2", "ray.num_workers=2", "ray.cpus_per_worker=0.5"],
     ["distill.loss=rd", "distill.cached_topk=true", "distill.init_from_teacher=true", "ray.shard_mode=stream"],
