@@ -1,7 +1,7 @@
 """What one Ray Train run costs before its first epoch: an empty ``TorchTrainer.fit`` (Ray Train's own floor) against
 kdray's tiny training, side by side in one warm local cluster.
 
-    python benchmarks/fit_floor.py --repeats 4 --out benchmarks/results/fit-floor.json   # ~3 min on 2 cores
+    python benchmarks/fit_floor.py --repeats 4 --out benchmarks/results/fit-floor.json   # ~4 min on 2 cores
 
 Every stage of ``kdray run``, every Tune trial and every seed of ``kdray study`` is one ``TorchTrainer.fit``, and so is
 every training in the test suite. Two ways, alternating so that the machine's load falls on both alike:
