@@ -19,6 +19,7 @@ every 50 ms). Results to ``--out`` as JSON; a summary on stdout. Linux only (``/
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     init_ray("local", num_cpus=2, object_store_memory=512 << 20, log_to_driver=False)
     measured = {"empty": Measured(), "kdray": Measured()}
-    runs = iter(range(10**6))
+    runs, warmup = itertools.count(), 1
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, [*TINY, f"runs_dir={tmp}", "name=floor"])
         data = prepare_data(cfg)
@@ -130,15 +131,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             name = f"kdray-{next(runs)}"
             train_model(cfg, "teacher", data, out_dir=Path(tmp) / name, name=name)
 
-        alternate({way: (lambda way=way, fn=fn: measured[way](fn)) for way, fn in
-                   (("empty", empty), ("kdray", kdray))}, repeats=args.repeats, warmup=1)
+        alternate({"empty": lambda: measured["empty"](empty), "kdray": lambda: measured["kdray"](kdray)},
+                  repeats=args.repeats, warmup=warmup)
 
     result: dict[str, Any] = {"ways": {}, "machine": f"{platform.node()}, {os.cpu_count()} CPUs, "
                               f"{platform.processor() or platform.machine()}, local Ray with 2 CPUs",
                               "command": "python benchmarks/fit_floor.py " + " ".join(
                                   argv if argv is not None else sys.argv[1:])}
     for way, m in measured.items():
-        timed = m.records[1:]  # the first record is the warm-up
+        timed = m.records[warmup:]
         result["ways"][way] = {
             "seconds": [r["seconds"] for r in timed], "cpu_seconds": [r["cpu_seconds"] for r in timed],
             "median_seconds": statistics.median(r["seconds"] for r in timed),
