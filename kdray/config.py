@@ -93,6 +93,10 @@ class ModelConfig:
     dim: PosInt = 64
     hidden: Widths = ()
     dropout: Annotated[Float, rule(lambda v: 0 <= v < 1, "must be in [0, 1)")] = 0.0
+    # lightgcn only: 0 scores users and items by the dot product of their vectors; > 0 by their cosine divided by this
+    # temperature (the softmax then sees logits in [-1/t, 1/t]). On Gowalla 0.1 reached in 2 epochs what the dot
+    # product reached in 10 (BENCHMARKS.md)
+    cosine_temperature: NonNegFloat = 0.0
 
 
 @section
@@ -387,6 +391,11 @@ class Config:
                 name = getattr(self, role).name
                 _check(name in MODELS, f"{role}.name: {name!r} is a pointwise model; allowed values for "
                                        f"task='ranking': {', '.join(map(repr, MODELS))}")
+        for role in ("teacher", "student"):
+            m = getattr(self, role)
+            _check(not m.cosine_temperature or m.name == "lightgcn",
+                   f"{role}.cosine_temperature: {m.cosine_temperature} is a lightgcn option ({role}.name is "
+                   f"{m.name!r}); leave it at 0")
         e, s = self.eval, self.serve
         _check(e.k in e.ks, f"eval.k: {e.k} must be one of eval.ks {list(e.ks)}")
         _check(s.max_ongoing_requests >= s.max_batch_size,
@@ -544,8 +553,24 @@ def replace(cfg: Config, **dotted: Any) -> Config:
     return from_dict(tree)
 
 
+# Keys added to the config after runs were keyed by it, with the value that means "as before". fingerprint leaves a
+# key out while it holds that value, so a teacher or study keyed before the key existed keeps its key, and its
+# --resume and reuse, while any other value makes a new key.
+ADDED_LATER = {"cosine_temperature": 0.0}
+
+
+def _without_added_later(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _without_added_later(v) for k, v in node.items()
+                if not (k in ADDED_LATER and v == ADDED_LATER[k])}
+    if isinstance(node, (list, tuple)):
+        return [_without_added_later(v) for v in node]
+    return node
+
+
 def fingerprint(section: Any) -> str:
     """A short stable hash of a config section: names cached artifacts (prepared data, teachers) so that a change
     of settings never silently reuses a stale one."""
-    blob = json.dumps(to_dict(section) if dataclasses.is_dataclass(section) else section, sort_keys=True)
+    tree = to_dict(section) if dataclasses.is_dataclass(section) else section
+    blob = json.dumps(_without_added_later(tree), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -50,7 +50,11 @@ def test_replace_validates():
     "override, message",
     [
         ("lr=0.1", "unknown key lr; allowed keys: data, device"),
-        ("student.size=3", "unknown key student.size; allowed keys in student: dim, dropout, hidden, name"),
+        ("student.size=3",
+         "unknown key student.size; allowed keys in student: cosine_temperature, dim, dropout, hidden, name"),
+        ("teacher.cosine_temperature=0.1",
+         r"teacher.cosine_temperature: 0.1 is a lightgcn option \(teacher.name is 'mf'\); leave it at 0"),
+        ("student.cosine_temperature=-1", "student.cosine_temperature: -1.0 must be >= 0"),
         ("distill.alpha=1.5", r"distill.alpha: 1.5 must be in \[0, 1\]"),
         ("distill.alpha=-0.1", r"distill.alpha: -0.1 must be in \[0, 1\]"),
         ("distill.temperature=0", "distill.temperature: 0.0 must be > 0"),
@@ -122,6 +126,16 @@ def test_fingerprint_is_stable_and_sensitive():
     a, b = Config(), replace(Config(), **{"data.seed": 1})
     assert fingerprint(a.data) == fingerprint(Config().data)
     assert fingerprint(a.data) != fingerprint(b.data)
+
+
+def test_a_key_added_later_leaves_earlier_fingerprints_alone():
+    # teachers and studies keyed before teacher.cosine_temperature existed keep their keys while it is 0
+    cfg = load_config(None, ["teacher.name=lightgcn"])
+    before = {k: v for k, v in to_dict(cfg.teacher).items() if k != "cosine_temperature"}
+    assert fingerprint(cfg.teacher) == fingerprint(before)
+    assert fingerprint({"parts": [to_dict(cfg.teacher)]}) == fingerprint({"parts": [before]})  # nested, as stage keys
+    cosine = replace(cfg, **{"teacher.cosine_temperature": 0.1})
+    assert fingerprint(cosine.teacher) != fingerprint(cfg.teacher)
 
 
 def test_exponent_floats_without_a_dot_are_numbers(tmp_path):

@@ -1,7 +1,7 @@
 """kdray.models.lightgcn: the normalised adjacency and the propagation against hand-computed values on a 2-user,
 3-item graph and against a dense numpy reference, score == gathered score_all, the inference cache and its
-invalidation, the graph in the state dict (weights_only round trip through a checkpoint), DDP's ignore list, and
-argument errors."""
+invalidation, the graph in the state dict (weights_only round trip through a checkpoint), DDP's ignore list, the
+cosine-temperature scores against hand-computed values, and argument errors."""
 
 from __future__ import annotations
 
@@ -26,9 +26,10 @@ TINY_USERS, TINY_ITEMS = np.array([0, 0, 1, 0]), np.array([0, 1, 1, 1])  # (0, 1
 E0_USERS, E0_ITEMS = [[1.0], [2.0]], [[3.0], [4.0], [5.0]]
 
 
-def _tiny(n_layers: int, dim_values: tuple[list, list] = (E0_USERS, E0_ITEMS)) -> LightGCN:
+def _tiny(n_layers: int, dim_values: tuple[list, list] = (E0_USERS, E0_ITEMS),
+          cosine_temperature: float = 0.0) -> LightGCN:
     model = build_model("lightgcn", n_users=2, n_items=3, dim=len(dim_values[0][0]), n_layers=n_layers,
-                        graph=(TINY_USERS, TINY_ITEMS))
+                        graph=(TINY_USERS, TINY_ITEMS), cosine_temperature=cosine_temperature)
     with torch.no_grad():
         model.user_emb.weight.copy_(torch.tensor(dim_values[0]))
         model.item_emb.weight.copy_(torch.tensor(dim_values[1]))
@@ -95,6 +96,40 @@ def test_propagation_hand_computed_one_and_two_layers():
     assert _tiny(1).score_all(torch.tensor([0]))[0, 1].item() == pytest.approx(one_u[0] * one_i[1], abs=1e-5)
     # K = 0 is the plain dot product of the id embeddings
     assert _tiny(0).score_all(torch.tensor([1])).tolist() == [[6.0, 8.0, 10.0]]
+
+
+def test_cosine_temperature_hand_computed():
+    # K = 0 (the id embeddings themselves), t = 0.5: u0 = (3, 4), |u0| = 5; u1 = (1, 0)
+    # items (1, 0), (0, 2), (-3, 0): cos(u0, .) = 3/5, 8/10, -9/15 = 0.6, 0.8, -0.6 -> / 0.5 = 1.2, 1.6, -1.2
+    #                                cos(u1, .) = 1, 0, -1 -> 2, 0, -2
+    model = _tiny(0, ([[3.0, 4.0], [1.0, 0.0]], [[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]]), cosine_temperature=0.5)
+    with torch.no_grad():
+        scores = model.score_all(torch.tensor([0, 1]))
+        assert scores.tolist() == [pytest.approx([1.2, 1.6, -1.2], abs=1e-6), pytest.approx([2.0, 0.0, -2.0], abs=1e-6)]
+        assert torch.allclose(model.score(torch.tensor([0, 1]), torch.tensor([[1, 2], [0, 0]])),
+                              torch.tensor([[1.6, -1.2], [2.0, 2.0]]))
+    # K = 1 on dim 1: every propagated vector is positive (2.56, 2.41; 1.85, 2.96, 2.5), so every cosine is 1
+    assert _tiny(1, cosine_temperature=0.25).score_all(torch.tensor([0, 1])).tolist() == [[4.0] * 3, [4.0] * 3]
+    # the same model with t = 0 keeps the paper's dot product
+    assert _tiny(0, ([[3.0, 4.0], [1.0, 0.0]], [[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]])).score_all(
+        torch.tensor([0])).tolist() == [[3.0, 8.0, -9.0]]
+
+
+def test_cosine_temperature_matches_normalised_dense_reference_and_trains():
+    csr = _random_graph(11, 17, seed=5)
+    torch.manual_seed(0)
+    model = build_model("lightgcn", n_users=11, n_items=17, dim=4, n_layers=2, graph=csr, cosine_temperature=0.2)
+    ref_u, ref_i = _dense_reference(model, csr)
+    ref_u = ref_u / np.linalg.norm(ref_u, axis=1, keepdims=True) / 0.2
+    ref_i = ref_i / np.linalg.norm(ref_i, axis=1, keepdims=True)
+    model.eval()
+    with torch.no_grad():
+        scores = model.score_all(torch.arange(11)).double().numpy()
+    assert np.allclose(scores, ref_u @ ref_i.T, atol=1e-5)
+    assert np.abs(scores).max() <= 1 / 0.2 + 1e-5  # every logit within [-1/t, 1/t]
+    model.train()
+    model.score_all(torch.tensor([0, 3])).logsumexp(1).sum().backward()
+    assert model.user_emb.weight.grad.abs().sum() > 0 and model.item_emb.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("n_layers", [0, 1, 3])
@@ -197,10 +232,26 @@ def test_state_dict_carries_the_graph_and_rebuilds_from_model_args():
         assert torch.equal(rebuilt.score_all(torch.arange(11)), model.score_all(torch.arange(11)))
 
 
-def test_checkpoint_round_trip_with_weights_only(tmp_path):
+def test_cosine_temperature_travels_in_model_args_and_older_args_mean_dot_product():
+    torch.manual_seed(0)
+    model = build_model("lightgcn", n_users=11, n_items=17, dim=4, graph=_random_graph(11, 17, 6),
+                        cosine_temperature=0.1).eval()
+    args = json.loads(json.dumps(model_args(model)))
+    assert args["cosine_temperature"] == 0.1
+    rebuilt = build_model(**args)
+    rebuilt.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval().score_all(torch.arange(11)), model.score_all(torch.arange(11)))
+    del args["cosine_temperature"]  # a checkpoint written before the option existed
+    assert build_model(**args).cosine_temperature == 0.0
+
+
+@pytest.mark.parametrize("cosine_temperature", [0.0, 0.1])
+def test_checkpoint_round_trip_with_weights_only(tmp_path, cosine_temperature):
     torch.manual_seed(0)
     csr = _random_graph(11, 17, 4)
-    model = build_model("lightgcn", n_users=11, n_items=17, dim=4, graph=csr).eval()
+    model = build_model("lightgcn", n_users=11, n_items=17, dim=4, graph=csr,
+                        cosine_temperature=cosine_temperature).eval()
     vocab = Vocab(user_ids=np.array([f"u{i}" for i in range(11)]), item_ids=np.array([f"i{i}" for i in range(17)]),
                   seen=csr)
     save_checkpoint(tmp_path / "ckpt", model, role="teacher", config={}, vocab=vocab)
@@ -208,6 +259,7 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path):
     assert torch.equal(state["graph_edges"], graph_edges(csr, 11, 17))
     loaded = load_checkpoint(tmp_path / "ckpt").model  # build_model(**args) + load_state_dict, weights_only
     assert isinstance(loaded, LightGCN) and loaded.n_layers == model.n_layers
+    assert loaded.cosine_temperature == cosine_temperature
     with torch.no_grad():
         assert torch.equal(loaded.score_all(torch.arange(11)), model.score_all(torch.arange(11)))
 
@@ -241,11 +293,19 @@ def test_to_another_dtype_and_back_rebuilds_nothing_stale():
         (dict(graph=(np.array([0, 2]), np.array([0, 1]))), DataError, "row ids"),
         (dict(graph=(np.array([], dtype=int), np.array([], dtype=int))), DataError, "no interactions"),
         (dict(graph=Csr.from_pairs(np.array([0]), np.array([0]), 3, 3)), DataError, "3 users x 3 items"),
+        (dict(graph=(TINY_USERS, TINY_ITEMS), cosine_temperature=-0.1), ConfigError, "cosine_temperature"),
+        (dict(graph=(TINY_USERS, TINY_ITEMS), cosine_temperature=float("nan")), ConfigError, "cosine_temperature"),
+        (dict(graph=(TINY_USERS, TINY_ITEMS), cosine_temperature=True), ConfigError, "cosine_temperature"),
     ],
 )
 def test_bad_arguments(kwargs, error, words):
     with pytest.raises(error, match=words):
         build_model("lightgcn", n_users=2, n_items=3, dim=2, **kwargs)
+
+
+def test_other_models_refuse_a_cosine_temperature():
+    with pytest.raises(ConfigError, match="cosine_temperature=0.1 is a lightgcn option; model 'mf'"):
+        build_model("mf", n_users=2, n_items=3, dim=2, cosine_temperature=0.1)
 
 
 def test_corrupt_edges_from_a_state_dict_are_refused():

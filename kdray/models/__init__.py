@@ -78,7 +78,7 @@ def build_model(name: str, *, n_users: int, n_items: int, dim: int, hidden: Sequ
                 dropout: float = 0.0, user_features: np.ndarray | Tensor | None = None,
                 item_features: np.ndarray | Tensor | None = None, user_feature_dim: int = 0,
                 item_feature_dim: int = 0, graph: Csr | tuple[np.ndarray, np.ndarray] | None = None,
-                n_layers: int = DEFAULT_LAYERS, n_edges: int = 0) -> RecModel:
+                n_layers: int = DEFAULT_LAYERS, n_edges: int = 0, cosine_temperature: float = 0.0) -> RecModel:
     """Builds a registered model, initialised from the current torch seed.
 
     ``user_features [n_users, Fu]`` / ``item_features [n_items, Fi]`` are used by ``two_tower`` only (ignored, and not
@@ -87,6 +87,7 @@ def build_model(name: str, *, n_users: int, n_items: int, dim: int, hidden: Sequ
 
     ``graph`` (the training split as a Csr or ``(users, items)`` arrays), ``n_layers`` and ``n_edges`` are used by
     ``lightgcn`` only, the same way: its edges are a buffer, ``n_edges`` zero edges when no graph is given.
+    ``cosine_temperature`` > 0 makes a ``lightgcn`` score by cosine / temperature; the other models refuse it.
     """
     if name not in MODELS:
         raise ConfigError(f"model name {name!r} is not one of {sorted(MODELS)}")
@@ -97,7 +98,11 @@ def build_model(name: str, *, n_users: int, n_items: int, dim: int, hidden: Sequ
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
     uses_features = name == "two_tower"
-    graph_args = dict(graph=graph, n_layers=n_layers, n_edges=n_edges) if name == "lightgcn" else {}
+    if cosine_temperature and name != "lightgcn":
+        raise ConfigError(f"cosine_temperature={cosine_temperature} is a lightgcn option; model {name!r} scores by "
+                          "its own function: leave it at 0")
+    graph_args = dict(graph=graph, n_layers=n_layers, n_edges=n_edges,
+                      cosine_temperature=cosine_temperature) if name == "lightgcn" else {}
     return MODELS[name].build(
         n_users=n_users, n_items=n_items, dim=dim, hidden=hidden, dropout=float(dropout),
         user_features=_side_features(user_features, user_feature_dim, n_users, "user") if uses_features else None,
@@ -112,7 +117,7 @@ def model_from_config(m: Any, data: Any) -> RecModel:
     The one place a config becomes a model."""
     return build_model(m.name, n_users=data.n_users, n_items=data.n_items, dim=m.dim, hidden=tuple(m.hidden),
                        dropout=m.dropout, user_features=data.user_features, item_features=data.item_features,
-                       graph=data.train)
+                       graph=data.train, cosine_temperature=m.cosine_temperature)
 
 
 def _unwrap(model: nn.Module) -> RecModel:

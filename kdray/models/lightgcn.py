@@ -7,7 +7,12 @@ interactions, with no feature transform and no non-linearity:
     Â = D^-1/2 A D^-1/2                      Â_{u,i} = Â_{i,u} = 1 / sqrt(|N_u| |N_i|) for every training pair (u, i)
     E_{k+1} = Â E_k,   k = 0 .. K - 1
     E = (E_0 + E_1 + ... + E_K) / (K + 1)    (the paper's alpha_k = 1 / (K + 1))
-    s(u, i) = <e_u, e_i>
+    s(u, i) = <e_u, e_i>                     cosine_temperature = 0 (the paper)
+    s(u, i) = cos(e_u, e_i) / t              cosine_temperature = t > 0
+
+The cosine form keeps every logit within [-1/t, 1/t], so the softmax's sharpness is the temperature's, not the
+vectors' norms'; the final tables are normalised (the user table also divided by t), so scoring, a teacher's logits
+and the PCA start of a student all see the same scores.
 
 The graph travels in the state dict. Its edges are an int64 buffer ``graph_edges [2, E]`` (row 0 users, row 1
 items), so a checkpoint (``model.pt`` loaded with ``weights_only=True``, ``model.json`` with ``n_layers`` and
@@ -38,7 +43,7 @@ from kdray.sparse import Csr
 
 DEFAULT_LAYERS = 3  # the paper's setting for its Gowalla / Yelp2018 / Amazon-Book results
 
-__all__ = ["DEFAULT_LAYERS", "LightGCN", "graph_edges", "normalized_adjacency"]
+__all__ = ["DEFAULT_LAYERS", "check_cosine_temperature", "LightGCN", "graph_edges", "normalized_adjacency"]
 
 
 def graph_edges(graph: Csr | tuple[np.ndarray, np.ndarray], n_users: int, n_items: int) -> Tensor:
@@ -60,6 +65,14 @@ def graph_edges(graph: Csr | tuple[np.ndarray, np.ndarray], n_users: int, n_item
     if csr.nnz == 0:
         raise DataError("lightgcn graph has no interactions: it needs the training split's (user, item) pairs")
     return torch.from_numpy(np.stack([csr.rows_of(), csr.indices]).astype(np.int64))
+
+
+def check_cosine_temperature(value: Any) -> float:
+    """``cosine_temperature`` as a float: 0 (dot product) or a positive, finite temperature."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(value) or value < 0:
+        raise ConfigError(f"lightgcn cosine_temperature must be 0 (dot product) or a positive number, got {value!r}")
+    return float(value)
 
 
 def normalized_adjacency(edges: Tensor, n_users: int, n_items: int) -> Tensor:
@@ -84,9 +97,11 @@ class LightGCN(RecModel):
 
     name = "lightgcn"
 
-    def __init__(self, n_users: int, n_items: int, dim: int, edges: Tensor, n_layers: int = DEFAULT_LAYERS):
+    def __init__(self, n_users: int, n_items: int, dim: int, edges: Tensor, n_layers: int = DEFAULT_LAYERS,
+                 cosine_temperature: float = 0.0):
         super().__init__(n_users, n_items, dim)
         self.n_layers = n_layers
+        self.cosine_temperature = check_cosine_temperature(cosine_temperature)
         self.user_emb = embedding(n_users, dim)  # [U, D]: E0, users
         self.item_emb = embedding(n_items, dim)  # [I, D]: E0, items
         self.register_buffer("graph_edges", edges)  # [2, E] int64
@@ -98,7 +113,7 @@ class LightGCN(RecModel):
     def build(cls, *, n_users: int, n_items: int, dim: int, hidden: tuple[int, ...], dropout: float,
               user_features: Tensor | None, item_features: Tensor | None,
               graph: Csr | tuple[np.ndarray, np.ndarray] | None = None, n_layers: int = DEFAULT_LAYERS,
-              n_edges: int = 0) -> "LightGCN":
+              n_edges: int = 0, cosine_temperature: float = 0.0) -> "LightGCN":
         """From the training ``graph``; without one (a model rebuilt from ``model_args``), ``n_edges`` zero edges are
         allocated for ``load_state_dict`` to fill."""
         if hidden:
@@ -114,13 +129,15 @@ class LightGCN(RecModel):
         else:
             raise ConfigError("model 'lightgcn' needs the training graph: build_model(..., graph=<the training "
                               "split as a Csr or (users, items) arrays>), or n_edges > 0 to load a state dict")
-        return cls(n_users, n_items, dim, edges, int(n_layers))
+        return cls(n_users, n_items, dim, edges, int(n_layers), check_cosine_temperature(cosine_temperature))
 
     def extra_args(self) -> dict[str, Any]:
-        return {"n_layers": self.n_layers, "n_edges": int(self.graph_edges.shape[1])}
+        return {"n_layers": self.n_layers, "n_edges": int(self.graph_edges.shape[1]),
+                "cosine_temperature": self.cosine_temperature}
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, n_layers={self.n_layers}, n_edges={self.graph_edges.shape[1]}"
+        return (f"{super().extra_repr()}, n_layers={self.n_layers}, n_edges={self.graph_edges.shape[1]}, "
+                f"cosine_temperature={self.cosine_temperature}")
 
     # ------------------------------------------------------------------------------------------------------------
     # Propagation
@@ -141,7 +158,8 @@ class LightGCN(RecModel):
         return self._adjacency[1]
 
     def propagate(self) -> tuple[Tensor, Tensor]:
-        """The final user ``[U, D]`` and item ``[I, D]`` tables: the mean of the layer embeddings ``E_0..E_K``."""
+        """The final user ``[U, D]`` and item ``[I, D]`` tables: the mean of the layer embeddings ``E_0..E_K``; with
+        a cosine temperature ``t``, each row normalised to unit length and the user rows divided by ``t``."""
         e = torch.cat([self.user_emb.weight, self.item_emb.weight])  # [U + I, D]
         total = e
         if self.n_layers:
@@ -150,7 +168,11 @@ class LightGCN(RecModel):
                 e = torch.sparse.mm(adj, e)
                 total = total + e
         final = total / (self.n_layers + 1)
-        return final[: self.n_users], final[self.n_users :]
+        users, items = final[: self.n_users], final[self.n_users :]
+        if self.cosine_temperature:
+            users = nn.functional.normalize(users, dim=-1) / self.cosine_temperature
+            items = nn.functional.normalize(items, dim=-1)
+        return users, items
 
     def tables(self) -> tuple[Tensor, Tensor]:
         """The propagated tables: recomputed in training, cached in inference (see the module docstring)."""
