@@ -39,6 +39,23 @@ def test_cached_topk_step_smoke_test_checks_both_paths_give_one_loss(tmp_path, c
     assert "dense block" in capsys.readouterr().out
 
 
+@pytest.mark.timeout(300)
+def test_epoch_pilot_scores_each_epoch_on_validation_with_the_configs_model(tmp_path, capsys):
+    out = tmp_path / "pilot.json"
+    tiny = ["data.n_users=120", "data.n_items=80", "data.n_interactions=2000", "teacher.name=lightgcn",
+            "teacher.dim=16", "teacher.cosine_temperature=0.1", "teacher_train.lr=0.05", "eval.ks=[5,10]", "eval.k=10"]
+    _script("epoch_pilot").main(["--epochs", "3", "--out", str(out), *tiny])
+    result = json.loads(out.read_text())
+    assert result["teacher"]["cosine_temperature"] == 0.1 and result["teacher_train"]["lr"] == 0.05
+    assert [r["epoch"] for r in result["epochs"]] == [1, 2, 3]
+    assert all(0 <= r["valid_ndcg@10"] <= 1 and "valid_recall@5" in r for r in result["epochs"])
+    assert not any(k.startswith("test") for r in result["epochs"] for k in r)  # the test split is never read
+    assert result["epochs"][-1]["valid_ndcg@10"] > result["epochs"][0]["valid_ndcg@10"]  # it learns
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3  # one line per epoch
+    assert _script("epoch_pilot").main(["teacher.cosine_temperature=0.1"]) == 2  # the default teacher is an MF
+    assert "teacher.cosine_temperature: 0.1 is a lightgcn option" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", ["foldin_latency", "replay", "serve_load", "dataset_counts", "split_popularity"])
 def test_scripts_that_read_real_data_ask_for_its_folder(name, capsys):
     with pytest.raises(SystemExit) as exit_:
