@@ -233,6 +233,9 @@ def test_report_script_writes_the_trained_models_table_between_its_own_markers(t
     (results / "teachers").mkdir()
     (results / "teachers" / "a.json").write_text(json.dumps(_eval_record(900, 0.17344, 0.14006, 28, 31)))
     (results / "teachers" / "b.json").write_text(json.dumps(_eval_record(1000, 0.18, 0.15, 28, 28)))
+    cosine = _eval_record(900, 0.19, 0.16, 12, 15)
+    cosine["model"]["cosine_temperature"] = 0.1
+    (results / "teachers" / "c.json").write_text(json.dumps(cosine))
     bench = tmp_path / "BENCHMARKS.md"
     bench.write_text(f"# before\n{report.TEACHERS_BEGIN}\nold\n{report.TEACHERS_END}\n## after\n")
     assert report.main(["--results", str(results), "--benchmarks", str(bench)]) == 0
@@ -243,6 +246,7 @@ def test_report_script_writes_the_trained_models_table_between_its_own_markers(t
     assert "| lightgcn-64 (seed 0) | 0.01 / 0.001 / 1,024 | 900 (train, 90%) | 28 / 31 | 4,533,696 | 0.1734 | " \
            "0.1401 |" in text
     assert "| 1,000 (train + valid, 100%) | 28 / 28 |" in text
+    assert "| lightgcn-64, cosine / 0.1 (seed 0) | 0.01 / 0.001 / 1,024 | 900 (train, 90%) | 12 / 15 |" in text
     assert "    kdray eval --config configs/gowalla.yaml --checkpoint CKPT data.path=DATA/gowalla --output " \
            "/x/out.json" in text and "runs_dir" not in text
     assert report.main(["--results", str(results), "--benchmarks", str(bench)]) == 0
