@@ -2,9 +2,10 @@
 
 Choosing a setting by full `kdray teacher` runs costs 30-60 minutes each on Gowalla on 2 cores. This trains the
 teacher that a config and its overrides describe with kdray's own epoch function (``kdray.train.run_epoch``, the
-objective of ``kdray.train.objective``), without Ray, and prints the validation metrics after each epoch: enough to
-compare the first epochs of several settings side by side. Only the validation split is read; the test split is not
-touched, so a setting chosen here can still be scored honestly afterwards.
+objective of ``kdray.train.objective`` and the per-epoch seeds of a one-worker training), without Ray, and prints
+the validation metrics after each epoch: enough to compare the first epochs of several settings side by side. Only
+the validation split is read; the test split is not touched, so a setting chosen here can still be scored honestly
+afterwards.
 
     python benchmarks/epoch_pilot.py --config configs/gowalla.yaml --epochs 4 --out OUT.json \\
         data.path=DATA/gowalla teacher.name=lightgcn teacher.dim=64 teacher.cosine_temperature=0.1 \\
@@ -37,7 +38,7 @@ from kdray.errors import KdrayError  # noqa: E402
 from kdray.evaluate import evaluate_model  # noqa: E402
 from kdray.models import model_from_config  # noqa: E402
 from kdray.pipeline import prepare_data  # noqa: E402
-from kdray.train.loop import run_epoch  # noqa: E402
+from kdray.train.loop import epoch_seed, run_epoch  # noqa: E402
 from kdray.train.objective import Objective, batch_loss, sampling_log_q  # noqa: E402
 from kdray.train.shard import LocalShard  # noqa: E402
 
@@ -56,8 +57,10 @@ def pilot(cfg, epochs: int, log=print) -> list[dict]:
     records = []
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
-        gen = torch.Generator().manual_seed(epoch)
-        batches = shard.batches(train.batch_size, n_steps, np.random.default_rng(epoch))
+        seed = epoch_seed(train.seed, epoch - 1, 0)  # the seeds of a one-worker kdray training's epoch
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        batches = shard.batches(train.batch_size, n_steps, np.random.default_rng(seed))
         run_epoch(model, opt, batches, lambda m, b: batch_loss(m, [], b, obj, log_q, gen))
         trained = time.perf_counter()
         valid = evaluate_model(model, data, "valid", ks=cfg.eval.ks, batch_size=cfg.eval.batch_size)

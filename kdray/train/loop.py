@@ -198,7 +198,8 @@ def threads(cfg: Config) -> int:
     return cfg.ray.threads_per_worker or max(1, int(round(cfg.ray.cpus_per_worker)))
 
 
-def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of one worker's epoch (0-based): its shuffle, negative sampling and dropout."""
     return (seed * 1_000_003 + epoch * 1009 + rank) % (2**31)
 
 
@@ -261,7 +262,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         task = RankingTask(cfg, role, payload, teachers, shard, device, rank, world)
     for epoch in range(start_epoch, tcfg.epochs):
         t0 = time.perf_counter()
-        seed = _epoch_seed(tcfg.seed, epoch, rank)
+        seed = epoch_seed(tcfg.seed, epoch, rank)
         torch.manual_seed(seed)  # dropout
         sums, steps, failure = run_epoch(model, optimizer, task.batches(seed), task.loss)
         if failure is None and not all(bool(torch.isfinite(p).all()) for p in core.parameters()):
