@@ -56,6 +56,33 @@ def test_epoch_pilot_scores_each_epoch_on_validation_with_the_configs_model(tmp_
     assert "teacher.cosine_temperature: 0.1 is a lightgcn option" in capsys.readouterr().err
 
 
+def test_recommended_popularity_masks_seen_items_and_summarises_training_popularity(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    import torch
+
+    from kdray.sparse import Csr
+
+    script = _script("recommended_popularity")
+    # 4 items with training popularity 5, 3, 1, 0; two users with test pairs (0 and 2), user 1 without
+    popularity = np.array([5, 3, 1, 0])
+    s = script.popularity_summary(np.array([0, 0, 1, 3]), popularity)
+    # mean (5 + 5 + 3 + 0) / 4; the top 1% (and 10%) of 4 items is the single most popular one, item 0
+    assert s == {"n": 4, "mean": 3.25, "median": 4.0, "share_top1pct": 0.5, "share_top10pct": 0.5}
+    pairs = lambda rows, cols: Csr.from_pairs(np.array(rows), np.array(cols), 3, 4)  # noqa: E731
+    data = SimpleNamespace(train=pairs([0, 2], [0, 1]), valid=pairs([0], [1]), test=pairs([0, 2], [3, 2]))
+
+    class Fixed(torch.nn.Module):  # every user scores items 0 > 1 > 2 > 3
+        def score_all(self, users):
+            return torch.tensor([[4.0, 3.0, 2.0, 1.0]]).repeat(len(users), 1)
+
+    top = script.recommended_items(Fixed(), data, k=2, batch_size=1)
+    assert top.tolist() == [[2, 3], [0, 2]]  # user 0: 0 (train) and 1 (valid) masked; user 2: 1 (train) masked
+    assert script.main(["--checkpoint", str(tmp_path / "nowhere"), "data.n_users=100", "data.n_items=50",
+                        "data.n_interactions=1000"]) == 2
+    assert f"checkpoint directory {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", ["foldin_latency", "replay", "serve_load", "dataset_counts", "split_popularity"])
 def test_scripts_that_read_real_data_ask_for_its_folder(name, capsys):
     with pytest.raises(SystemExit) as exit_:
