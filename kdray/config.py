@@ -94,8 +94,9 @@ class ModelConfig:
     hidden: Widths = ()
     dropout: Annotated[Float, rule(lambda v: 0 <= v < 1, "must be in [0, 1)")] = 0.0
     # lightgcn only: 0 scores users and items by the dot product of their vectors; > 0 by their cosine divided by this
-    # temperature (the softmax then sees logits in [-1/t, 1/t]). On Gowalla 0.1 reached in 2 epochs what the dot
-    # product reached in 10 (BENCHMARKS.md)
+    # temperature (the softmax then sees logits in [-1/t, 1/t]). On Gowalla t = 0.1 learned faster and tied the dot
+    # product on validation, but scored well below it on test, recommending less popular items (BENCHMARKS.md); hence
+    # off by default
     cosine_temperature: NonNegFloat = 0.0
 
 
