@@ -25,47 +25,30 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing kdray
 
+from benchmarks.plain_training import plain_training  # noqa: E402
 from kdray.config import load_config, to_dict  # noqa: E402
-from kdray.data.prepare import TRAIN_BY_USER  # noqa: E402
 from kdray.errors import KdrayError  # noqa: E402
 from kdray.evaluate import evaluate_model  # noqa: E402
-from kdray.models import model_from_config  # noqa: E402
 from kdray.pipeline import prepare_data  # noqa: E402
-from kdray.train.loop import epoch_seed, run_epoch  # noqa: E402
-from kdray.train.objective import Objective, batch_loss, sampling_log_q  # noqa: E402
-from kdray.train.shard import LocalShard  # noqa: E402
+from kdray.train.loop import epoch_seed  # noqa: E402
 
 
 def pilot(cfg, epochs: int, log=print) -> list[dict]:
     """The teacher of ``cfg`` trained ``epochs`` epochs; the validation metrics at ``eval.ks`` after each."""
     data = prepare_data(cfg)
-    train = cfg.teacher_train
-    torch.manual_seed(train.seed)
-    model = model_from_config(cfg.teacher, data)
-    opt = torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-    shard = LocalShard.from_tables([pq.read_table(data.path / TRAIN_BY_USER)])
-    obj = Objective.from_config(cfg, "teacher", data.n_items)
-    log_q = sampling_log_q(data.item_popularity()) if obj.sampled else None
-    n_steps = -(-len(shard) // train.batch_size)
+    # the seeds of a one-worker kdray training's epochs (rank 0)
+    training = plain_training(cfg, data, "teacher", seed_of=lambda e: epoch_seed(cfg.teacher_train.seed, e, 0))
     records = []
-    for epoch in range(1, epochs + 1):
+    for epoch, (model, seconds) in zip(range(1, epochs + 1), training):
         start = time.perf_counter()
-        seed = epoch_seed(train.seed, epoch - 1, 0)  # the seeds of a one-worker kdray training's epoch
-        torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
-        batches = shard.batches(train.batch_size, n_steps, np.random.default_rng(seed))
-        run_epoch(model, opt, batches, lambda m, b: batch_loss(m, [], b, obj, log_q, gen))
-        trained = time.perf_counter()
         valid = evaluate_model(model, data, "valid", ks=cfg.eval.ks, batch_size=cfg.eval.batch_size)
-        record = {"epoch": epoch, "train_seconds": round(trained - start, 1),
-                  "eval_seconds": round(time.perf_counter() - trained, 1),
+        record = {"epoch": epoch, "train_seconds": round(seconds, 1),
+                  "eval_seconds": round(time.perf_counter() - start, 1),
                   **{f"valid_{k}": round(v, 4) for k, v in valid.items() if not k.startswith("n_")}}
         log(json.dumps(record))
         records.append(record)

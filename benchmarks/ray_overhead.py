@@ -16,6 +16,7 @@ Warm epochs only (the first is dropped). Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -25,42 +26,20 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.plain_training import plain_training  # noqa: E402
 from kdray.cli import init_ray  # noqa: E402
 from kdray.config import load_config  # noqa: E402
-from kdray.data.prepare import TRAIN_BY_USER  # noqa: E402
-from kdray.models import model_from_config  # noqa: E402
 from kdray.pipeline import prepare_data  # noqa: E402
 from kdray.train.driver import train_model  # noqa: E402
-from kdray.train.loop import run_epoch  # noqa: E402
-from kdray.train.objective import Objective, batch_loss, sampling_log_q  # noqa: E402
-from kdray.train.shard import LocalShard  # noqa: E402
 
 
 def plain_epochs(cfg, data, role: str, epochs: int, teachers=()) -> list[float]:
     """Seconds per epoch of the shared epoch function in this process, no Ray anywhere."""
-    tcfg = cfg.teacher_train if role == "teacher" else cfg.student_train
-    m = cfg.teacher if role == "teacher" else cfg.student
-    torch.manual_seed(tcfg.seed)
-    model = model_from_config(m, data)
-    opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    shard = LocalShard.from_tables([pq.read_table(data.path / TRAIN_BY_USER)])
-    obj = Objective.from_config(cfg, role, data.n_items)
-    log_q = sampling_log_q(data.item_popularity()) if obj.sampled else None
-    n_steps = -(-len(shard) // tcfg.batch_size)
-    times = []
-    for epoch in range(epochs):
-        batches = shard.batches(tcfg.batch_size, n_steps, np.random.default_rng(epoch))
-        t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(epoch)
-        run_epoch(model, opt, batches, lambda m, b: batch_loss(m, list(teachers), b, obj, log_q, gen))
-        times.append(time.perf_counter() - t0)
-    return times
+    return [seconds for _, seconds in itertools.islice(plain_training(cfg, data, role, teachers), epochs)]
 
 
 def ray_epochs(cfg, data, role: str, name: str, teachers=()) -> tuple[list[float], float]:

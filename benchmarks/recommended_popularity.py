@@ -27,19 +27,17 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing kdray
 
+from benchmarks.split_popularity import popularity_stats  # noqa: E402
 from kdray.checkpoint import check_matches_data, load_checkpoint  # noqa: E402
 from kdray.config import load_config  # noqa: E402
 from kdray.errors import KdrayError  # noqa: E402
+from kdray.metrics import mask_excluded  # noqa: E402
 from kdray.pipeline import prepare_data  # noqa: E402
 
 
 def popularity_summary(items: np.ndarray, popularity: np.ndarray) -> dict[str, float]:
-    """Training popularity of ``items`` (item ids, one per recommendation or pair)."""
-    pop = popularity[items]
-    order = np.sort(popularity)[::-1]
-    top1, top10 = (order[max(int(len(order) * share), 1) - 1] for share in (0.01, 0.10))
-    return {"n": int(pop.size), "mean": float(pop.mean()), "median": float(np.median(pop)),
-            "share_top1pct": float((pop >= top1).mean()), "share_top10pct": float((pop >= top10).mean())}
+    """Training popularity of ``items`` (item ids, one per recommendation or pair), with their count."""
+    return {"n": int(items.size), **popularity_stats(items, popularity)}
 
 
 def recommended_items(model: torch.nn.Module, data: Any, k: int, batch_size: int = 1024) -> np.ndarray:
@@ -51,10 +49,7 @@ def recommended_items(model: torch.nn.Module, data: Any, k: int, batch_size: int
         for start in range(0, users.size, batch_size):
             batch = users[start : start + batch_size]
             scores = model.score_all(torch.as_tensor(batch, dtype=torch.int64)).float()  # [B, I]
-            for seen in (data.train, data.valid):
-                rows, cols = seen.batch_pairs(batch)
-                scores[torch.as_tensor(rows), torch.as_tensor(cols)] = -torch.inf
-            out.append(scores.topk(k, dim=1).indices.numpy())
+            out.append(mask_excluded(scores, batch, [data.train, data.valid]).topk(k, dim=1).indices.numpy())
     return np.concatenate(out)
 
 

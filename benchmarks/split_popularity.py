@@ -34,13 +34,19 @@ from kdray.sparse import Csr  # noqa: E402
 DATASETS = {"gowalla": "configs/gowalla.yaml", "ml-100k": "configs/ml-100k.yaml"}  # folder -> config
 
 
-def popularity_of(pairs: Csr, popularity: np.ndarray) -> dict[str, float]:
-    """Training popularity of the items of ``pairs`` (one value per pair)."""
-    pop = popularity[pairs.indices]
+def popularity_stats(items: np.ndarray, popularity: np.ndarray) -> dict[str, float]:
+    """Training popularity of ``items`` (item ids, one per pair or recommendation): mean, median, and the share
+    among the 1% and 10% most popular items of the catalog."""
+    pop = popularity[items]
     order = np.sort(popularity)[::-1]
     top1, top10 = (order[max(int(len(order) * share), 1) - 1] for share in (0.01, 0.10))
-    return {"pairs": int(pop.size), "mean": float(pop.mean()), "median": float(np.median(pop)),
+    return {"mean": float(pop.mean()), "median": float(np.median(pop)),
             "share_top1pct": float((pop >= top1).mean()), "share_top10pct": float((pop >= top10).mean())}
+
+
+def popularity_of(pairs: Csr, popularity: np.ndarray) -> dict[str, float]:
+    """Training popularity of the items of ``pairs`` (one value per pair)."""
+    return {"pairs": int(pairs.indices.size), **popularity_stats(pairs.indices, popularity)}
 
 
 def measure(config: Path, folder: Path) -> dict[str, Any]:

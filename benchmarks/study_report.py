@@ -223,7 +223,8 @@ def _model_cells(r: dict[str, Any]) -> tuple[str, str, str, str]:
     share = p["trained_on"] / (p["train"] + p["valid"])  # of the evaluation's training + validation pairs
     seen = "train + valid" if p["trained_on"] == p["train"] + p["valid"] else "train"
     cosine = f", cosine / {m['cosine_temperature']:g}" if m.get("cosine_temperature") else ""  # 0 or absent: dot
-    return (f"{m['name']}-{m['dim']}{cosine} (seed {t['seed']})", f"{t['lr']:g} / {t['embedding_l2']:g} / {t['batch_size']:,}",
+    return (f"{m['name']}-{m['dim']}{cosine} (seed {t['seed']})",
+            f"{t['lr']:g} / {t['embedding_l2']:g} / {t['batch_size']:,}",
             f"{p['trained_on']:,} ({seen}, {100 * share:.0f}%)",
             f"{tr.get('best_epoch', '?')} / {tr.get('epochs_run', '?')}")
 

@@ -87,6 +87,15 @@ def topk_metrics(scores: Tensor, truth: Tensor, ks: Sequence[int], n_truth: Tens
     return out
 
 
+def mask_excluded(scores: Tensor, users: np.ndarray, excludes: Sequence[Csr]) -> Tensor:
+    """``scores [B, N]`` of ``users [B]`` with every item of those users' rows in ``excludes`` set to ``-inf``, in
+    place (and returned): what full-ranking evaluation never ranks."""
+    for ex in excludes:
+        rows, cols = ex.batch_pairs(users)
+        scores[torch.as_tensor(rows, device=scores.device), torch.as_tensor(cols, device=scores.device)] = -torch.inf
+    return scores
+
+
 def full_ranking_evaluate(score_all: Callable[[Tensor], Tensor], truth: Csr, exclude: Sequence[Csr] | Csr | None,
                           ks: Sequence[int], batch_size: int = 1024,
                           device: str | torch.device = "cpu") -> dict[str, float | int]:
@@ -121,11 +130,7 @@ def full_ranking_evaluate(score_all: Callable[[Tensor], Tensor], truth: Csr, exc
             if scores.shape != (batch.size, n):
                 raise ValueError(f"score_all returned shape {tuple(scores.shape)} for {batch.size} users, "
                                  f"expected ({batch.size}, {n})")
-            scores = scores.float()
-            for ex in excludes:
-                rows, cols = ex.batch_pairs(batch)
-                scores[torch.as_tensor(rows, device=scores.device), torch.as_tensor(cols, device=scores.device)] = (
-                    -torch.inf)
+            scores = mask_excluded(scores.float(), batch, excludes)
             rows, cols = truth.batch_pairs(batch)
             hit_mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)  # [B, N]
             hit_mask[torch.as_tensor(rows, device=scores.device), torch.as_tensor(cols, device=scores.device)] = True

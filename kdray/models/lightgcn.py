@@ -129,7 +129,7 @@ class LightGCN(RecModel):
         else:
             raise ConfigError("model 'lightgcn' needs the training graph: build_model(..., graph=<the training "
                               "split as a Csr or (users, items) arrays>), or n_edges > 0 to load a state dict")
-        return cls(n_users, n_items, dim, edges, int(n_layers), check_cosine_temperature(cosine_temperature))
+        return cls(n_users, n_items, dim, edges, int(n_layers), cosine_temperature)
 
     def extra_args(self) -> dict[str, Any]:
         return {"n_layers": self.n_layers, "n_edges": int(self.graph_edges.shape[1]),
