@@ -15,7 +15,7 @@ import torch
 from kdray.checkpoint import Vocab, load_checkpoint, save_checkpoint
 from kdray.errors import ConfigError, DataError
 from kdray.models import LightGCN, build_model, count_parameters, embedding_tables, model_args
-from kdray.models.lightgcn import graph_edges, normalized_adjacency
+from kdray.models.lightgcn import SymmetricSpmm, graph_edges, normalized_adjacency
 from kdray.sparse import Csr
 
 S = 1 / math.sqrt(2)
@@ -316,3 +316,23 @@ def test_corrupt_edges_from_a_state_dict_are_refused():
     with pytest.raises(DataError, match="outside 2 users x 3 items"):
         with torch.no_grad():
             model.score_all(torch.tensor([0]))
+
+
+def test_symmetric_spmm_gives_the_dense_products_and_gradient():
+    # the CSR propagation and its hand-written backward (adj @ grad, as adj is symmetric) against dense autograd
+    csr = _random_graph(9, 13, seed=7)
+    model = build_model("lightgcn", n_users=9, n_items=13, dim=3, n_layers=2, graph=csr)
+    adj = model.adjacency(torch.float64)
+    assert adj.layout == torch.sparse_csr
+    dense = normalized_adjacency(model.graph_edges, 9, 13).to(torch.float64).to_dense()
+    assert torch.equal(adj.to_dense(), dense)
+    torch.manual_seed(0)
+    x = torch.randn(22, 3, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(22, 3, dtype=torch.float64)
+    y = SymmetricSpmm.apply(adj, x)
+    (y * upstream).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = dense @ x_ref
+    (y_ref * upstream).sum().backward()
+    assert torch.allclose(y, y_ref) and torch.allclose(x.grad, x_ref.grad)
+    assert torch.allclose(x.grad, dense.T @ upstream)  # the transpose, which equals adj here

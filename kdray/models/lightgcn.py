@@ -19,7 +19,13 @@ items), so a checkpoint (``model.pt`` loaded with ``weights_only=True``, ``model
 ``n_edges``) rebuilds the model with no access to the training split, the serving path needs nothing new, and the
 driver's initial state sent to Ray Train workers carries the graph once to every worker. The normalised sparse
 matrix ``Â`` is derived from the edges on first use on each device and kept as a plain attribute (a sparse tensor in
-the state dict would need sparse support in every consumer of state dicts). DDP is told to ignore the edge buffer:
+the state dict would need sparse support in every consumer of state dicts), in CSR layout.
+
+Propagation is the cost of a LightGCN step: on Gowalla (71k nodes, 1.5M non-zeros, 64 dims) one ``Â @ E`` with
+torch's COO layout took 259 ms forward and 669 ms with its backward on 2 CPU cores, about two thirds of a training
+step. In CSR the product takes 74 ms, and since ``Â`` is symmetric the backward pass is one more ``Â @ grad``
+(:class:`SymmetricSpmm`, 168 ms for both) instead of autograd's transpose of a sparse matrix (BENCHMARKS.md,
+``benchmarks/lightgcn_step.py``). DDP is told to ignore the edge buffer:
 every worker holds the same graph, so it is neither broadcast at wrap time nor before every forward pass; the
 gradients of the id embeddings are the only thing DDP synchronises.
 
@@ -31,6 +37,7 @@ called: full-ranking evaluation and a frozen teacher score every user batch agai
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -43,7 +50,8 @@ from kdray.sparse import Csr
 
 DEFAULT_LAYERS = 3  # the paper's setting for its Gowalla / Yelp2018 / Amazon-Book results
 
-__all__ = ["DEFAULT_LAYERS", "check_cosine_temperature", "LightGCN", "graph_edges", "normalized_adjacency"]
+__all__ = ["DEFAULT_LAYERS", "check_cosine_temperature", "LightGCN", "SymmetricSpmm", "graph_edges",
+           "normalized_adjacency"]
 
 
 def graph_edges(graph: Csr | tuple[np.ndarray, np.ndarray], n_users: int, n_items: int) -> Tensor:
@@ -90,6 +98,26 @@ def normalized_adjacency(edges: Tensor, n_users: int, n_items: int) -> Tensor:
     weight = (degree[users] * degree[items]).rsqrt()  # [E]: 1 / sqrt(|N_u| |N_i|), both degrees >= 1 on an edge
     index = torch.cat([torch.stack([users, items]), torch.stack([items, users])], dim=1)  # [2, 2E]
     return torch.sparse_coo_tensor(index, torch.cat([weight, weight]), (n, n), check_invariants=False).coalesce()
+
+
+class SymmetricSpmm(torch.autograd.Function):
+    """``adj @ x`` for a *symmetric* sparse ``adj`` (CSR) that takes no gradient: the gradient of ``x`` is
+    ``adj^T @ grad = adj @ grad``, one more sparse product, where torch's own backward would transpose ``adj``."""
+
+    @staticmethod
+    def forward(ctx: Any, adj: Tensor, x: Tensor) -> Tensor:
+        ctx.adj = adj  # a constant of the graph, not a saved activation: no version check needed
+        return adj @ x
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor]:
+        return None, ctx.adj @ grad
+
+
+def _to_csr(adj: Tensor) -> Tensor:
+    with warnings.catch_warnings():  # torch calls its CSR layout beta; kdray uses only CSR @ dense
+        warnings.simplefilter("ignore", UserWarning)
+        return adj.to_sparse_csr()
 
 
 class LightGCN(RecModel):
@@ -148,12 +176,13 @@ class LightGCN(RecModel):
         return tuple((t.device, t.data_ptr(), t._version) for t in tensors)
 
     def adjacency(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """``Â`` on the edges' device, built once per device, dtype and set of edges. Built outside inference mode
-        even when first needed under it (evaluation), since training later saves it for the backward pass."""
+        """``Â`` in CSR layout on the edges' device, built once per device, dtype and set of edges. Built outside
+        inference mode even when first needed under it (evaluation), since training later uses it in the backward
+        pass."""
         key = (dtype, *self._key(self.graph_edges))
         if self._adjacency is None or self._adjacency[0] != key:
             with torch.inference_mode(False), torch.no_grad():
-                adj = normalized_adjacency(self.graph_edges, self.n_users, self.n_items).to(dtype)
+                adj = _to_csr(normalized_adjacency(self.graph_edges, self.n_users, self.n_items).to(dtype))
             self._adjacency = (key, adj)
         return self._adjacency[1]
 
@@ -165,7 +194,7 @@ class LightGCN(RecModel):
         if self.n_layers:
             adj = self.adjacency(e.dtype)
             for _ in range(self.n_layers):
-                e = torch.sparse.mm(adj, e)
+                e = SymmetricSpmm.apply(adj, e)
                 total = total + e
         final = total / (self.n_layers + 1)
         users, items = final[: self.n_users], final[self.n_users :]
