@@ -39,6 +39,22 @@ def test_cached_topk_step_smoke_test_checks_both_paths_give_one_loss(tmp_path, c
     assert "dense block" in capsys.readouterr().out
 
 
+@pytest.mark.timeout(120)
+def test_lightgcn_step_smoke_test_times_both_propagations_and_they_agree(tmp_path, capsys):
+    out = tmp_path / "lgcn-step.json"
+    script = _script("lightgcn_step")
+    script.main(["--smoke-test", "--out", str(out)])
+    result = json.loads(out.read_text())
+    agreement = result["agreement"]
+    assert agreement["loss_csr"] == pytest.approx(agreement["loss_coo"], rel=1e-6)
+    assert agreement["max_grad"] > 0 and agreement["max_grad_difference"] <= 1e-6 * agreement["max_grad"]
+    assert set(result["seconds_per_step"]) == {"csr", "coo"} and result["coo_over_csr"] > 0
+    assert "median seconds per step" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:  # an MF teacher: named, no traceback
+        script.main(["--smoke-test", "teacher.name=mf"])
+    assert stop.value.code == 2 and "teacher.name=lightgcn" in capsys.readouterr().err
+
+
 @pytest.mark.timeout(300)
 def test_epoch_pilot_scores_each_epoch_on_validation_with_the_configs_model(tmp_path, capsys):
     out = tmp_path / "pilot.json"
