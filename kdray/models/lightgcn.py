@@ -21,11 +21,11 @@ driver's initial state sent to Ray Train workers carries the graph once to every
 matrix ``Â`` is derived from the edges on first use on each device and kept as a plain attribute (a sparse tensor in
 the state dict would need sparse support in every consumer of state dicts), in CSR layout.
 
-Propagation is the cost of a LightGCN step: on Gowalla (71k nodes, 1.5M non-zeros, 64 dims) one ``Â @ E`` with
-torch's COO layout took 259 ms forward and 669 ms with its backward on 2 CPU cores, about two thirds of a training
-step. In CSR the product takes 74 ms, and since ``Â`` is symmetric the backward pass is one more ``Â @ grad``
-(:class:`SymmetricSpmm`, 168 ms for both) instead of autograd's transpose of a sparse matrix (BENCHMARKS.md,
-``benchmarks/lightgcn_step.py``). DDP is told to ignore the edge buffer:
+Propagation is most of a LightGCN step's cost. With torch's COO layout and its autograd backward, the six sparse
+products of a 3-layer step (forward and backward) took more than half of a training step on Gowalla on 2 CPU cores.
+In CSR the product is several times faster, and since ``Â`` is symmetric the backward pass is one more ``Â @ grad``
+(:class:`SymmetricSpmm`) instead of autograd's transpose of a sparse matrix: a whole step became 2.2x faster with the
+same loss and gradients (BENCHMARKS.md, ``benchmarks/lightgcn_step.py``). DDP is told to ignore the edge buffer:
 every worker holds the same graph, so it is neither broadcast at wrap time nor before every forward pass; the
 gradients of the id embeddings are the only thing DDP synchronises.
 
