@@ -336,3 +336,17 @@ def test_symmetric_spmm_gives_the_dense_products_and_gradient():
     (y_ref * upstream).sum().backward()
     assert torch.allclose(y, y_ref) and torch.allclose(x.grad, x_ref.grad)
     assert torch.allclose(x.grad, dense.T @ upstream)  # the transpose, which equals adj here
+
+
+def test_pickle_and_deepcopy_after_propagation_rebuild_the_graph_matrix():
+    import copy
+    import pickle
+
+    model = _tiny(2)
+    with torch.no_grad():
+        before = model.score_all(torch.tensor([0, 1]))  # builds the CSR matrix and caches the tables
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert clone._adjacency is None and clone._cache is None
+        with torch.no_grad():
+            assert torch.equal(clone.score_all(torch.tensor([0, 1])), before)
+    assert model._adjacency is not None  # the original keeps its own

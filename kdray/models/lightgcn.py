@@ -217,6 +217,11 @@ class LightGCN(RecModel):
         self._cache = None
         return super().train(mode)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling and ``copy.deepcopy`` leave out ``Â`` and the cached tables: both are rebuilt on first use, and a
+        CSR tensor cannot be deep-copied."""
+        return {**super().__getstate__(), "_adjacency": None, "_cache": None}
+
     # ------------------------------------------------------------------------------------------------------------
     # Scoring
 
