@@ -24,7 +24,7 @@ the state dict would need sparse support in every consumer of state dicts), in C
 Propagation is most of a LightGCN step's cost. With torch's COO layout and its autograd backward, the six sparse
 products of a 3-layer step (forward and backward) took more than half of a training step on Gowalla on 2 CPU cores.
 In CSR the product is several times faster, and since ``Â`` is symmetric the backward pass is one more ``Â @ grad``
-(:class:`SymmetricSpmm`) instead of autograd's transpose of a sparse matrix: a whole step became 2.2x faster with the
+(:class:`SymmetricSpmm`) instead of autograd's transpose of a sparse matrix: a whole step became 2.0x faster with the
 same loss and gradients (BENCHMARKS.md, ``benchmarks/lightgcn_step.py``). DDP is told to ignore the edge buffer:
 every worker holds the same graph, so it is neither broadcast at wrap time nor before every forward pass; the
 gradients of the id embeddings are the only thing DDP synchronises.
