@@ -28,20 +28,18 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing kdray
 
 from benchmarks.alternating import alternate  # noqa: E402
+from benchmarks.plain_training import plain_setup  # noqa: E402
 from kdray.config import load_config  # noqa: E402
-from kdray.data.prepare import TRAIN_BY_USER  # noqa: E402
 from kdray.errors import KdrayError  # noqa: E402
-from kdray.models import LightGCN, model_from_config  # noqa: E402
+from kdray.models import LightGCN  # noqa: E402
 from kdray.models.lightgcn import normalized_adjacency  # noqa: E402
 from kdray.pipeline import prepare_data  # noqa: E402
 from kdray.train.objective import Objective, batch_loss  # noqa: E402
-from kdray.train.shard import LocalShard  # noqa: E402
 
 SMOKE = ["data.n_users=150", "data.n_items=90", "data.n_interactions=3000", "teacher.name=lightgcn", "teacher.dim=8",
          "teacher.hidden=[]", "student.dim=4", "teacher_train.batch_size=32"]
@@ -116,11 +114,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         except KdrayError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-        torch.manual_seed(cfg.teacher_train.seed)
-        model = model_from_config(cfg.teacher, data).train()
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.teacher_train.lr)
-        shard = LocalShard.from_tables([pq.read_table(data.path / TRAIN_BY_USER)])
-        obj = Objective.from_config(cfg, "teacher", data.n_items)
+        model, opt, shard, obj = plain_setup(cfg, data, "teacher")
         bs = cfg.teacher_train.batch_size
         batches = list(shard.batches(bs, -(-len(shard) // bs), np.random.default_rng(0)))
         agreement = check_agreement(model, batches[0], obj)

@@ -25,17 +25,24 @@ from kdray.train.objective import Objective, batch_loss, sampling_log_q  # noqa:
 from kdray.train.shard import LocalShard  # noqa: E402
 
 
+def plain_setup(cfg: Any, data: Any, role: str) -> tuple[RecModel, torch.optim.Optimizer, LocalShard, Objective]:
+    """What a Ray Train worker builds before its first epoch: the ``role`` model of ``cfg`` (seeded), Adam with the
+    config's settings, the training rows re-batched by users, and the objective."""
+    tcfg = cfg.teacher_train if role == "teacher" else cfg.student_train
+    torch.manual_seed(tcfg.seed)
+    model = model_from_config(cfg.teacher if role == "teacher" else cfg.student, data)
+    opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    shard = LocalShard.from_tables([pq.read_table(data.path / TRAIN_BY_USER)])
+    return model, opt, shard, Objective.from_config(cfg, role, data.n_items)
+
+
 def plain_training(cfg: Any, data: Any, role: str, teachers: Sequence[RecModel] = (),
                    seed_of: Callable[[int], int] = lambda epoch: epoch) -> Iterator[tuple[RecModel, float]]:
     """Trains the ``role`` model of ``cfg`` epoch after epoch, yielding the model and the epoch's seconds after each
     (for as long as the caller asks). ``seed_of(epoch)`` (0-based) seeds the epoch's shuffle, negative sampling and
     torch's global generator."""
     tcfg = cfg.teacher_train if role == "teacher" else cfg.student_train
-    torch.manual_seed(tcfg.seed)
-    model = model_from_config(cfg.teacher if role == "teacher" else cfg.student, data)
-    opt = torch.optim.Adam(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    shard = LocalShard.from_tables([pq.read_table(data.path / TRAIN_BY_USER)])
-    obj = Objective.from_config(cfg, role, data.n_items)
+    model, opt, shard, obj = plain_setup(cfg, data, role)
     log_q = sampling_log_q(data.item_popularity()) if obj.sampled else None
     n_steps = -(-len(shard) // tcfg.batch_size)
     epoch = 0
