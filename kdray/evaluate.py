@@ -1,7 +1,9 @@
 """Final evaluation of a trained model: full-catalog ranking on the test split, size and scoring latency.
 
 The test split is used only here, once per model, for the report; model selection uses the validation split
-(kdray.train). At test time both the training and the validation items of a user are masked.
+(kdray.train). At test time both the training and the validation items of a user are masked, and a graph model
+(LightGCN) propagates over both: what the mask treats as a user's known history is also what the model ranks from
+(:meth:`kdray.models.RecModel.with_history`).
 """
 
 from __future__ import annotations
@@ -18,18 +20,20 @@ from kdray.data.prepare import PreparedData
 from kdray.errors import CheckpointError, ConfigError
 from kdray.metrics import full_ranking_evaluate
 from kdray.models import RecModel, count_parameters
+from kdray.sparse import Csr
 
 
 def evaluate_model(model: RecModel, data: PreparedData, split: str = "test", ks: Sequence[int] = (10, 20),
                    batch_size: int = 1024, device: str | torch.device = "cpu") -> dict[str, float]:
-    """Full-ranking metrics on ``split`` ("valid" masks train items; "test" masks train and valid items)."""
+    """Full-ranking metrics on ``split`` ("valid" masks train items; "test" masks train and valid items). The masked
+    pairs are the users' known history: a graph model ranks over their graph (``with_history``)."""
     if split == "test":
         truth, exclude = data.test, [data.train, data.valid]
     elif split == "valid":
         truth, exclude = data.valid, [data.train]
     else:
         raise ValueError(f"split must be 'valid' or 'test', not {split!r}")
-    model = model.to(device).eval()
+    model = model.with_history(Csr.union(*exclude)).to(device).eval()
     with torch.inference_mode():
         return full_ranking_evaluate(model.score_all, truth, exclude, ks, batch_size=batch_size, device=device)
 
@@ -108,6 +112,10 @@ def _trained_model(path: str | Path, data: Any) -> dict[str, Any]:
                       "valid": int(data.valid.nnz), "test": int(data.test.nnz)}} if isinstance(data, PreparedData)
            else {"rows": dict(data.counts)}),
         "trained": trained,
+        # a graph model ranks the test split over every pair it masks (evaluate_model); older records lack the field
+        # and were ranked over the model's own training graph
+        **({"test_graph_pairs": Csr.union(data.train, data.valid).nnz}
+           if isinstance(data, PreparedData) and type(ckpt.model).with_history is not RecModel.with_history else {}),
     }
 
 

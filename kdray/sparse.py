@@ -40,6 +40,18 @@ class Csr:
         np.cumsum(np.bincount(rows, minlength=n_rows), out=indptr[1:])
         return cls(indptr=indptr, indices=cols, n_rows=n_rows, n_cols=n_cols)
 
+    @classmethod
+    def union(cls, *parts: "Csr") -> "Csr":
+        """Every pair of ``parts`` (all of one shape), each once."""
+        shapes = {(c.n_rows, c.n_cols) for c in parts}
+        if len(shapes) != 1:
+            raise ValueError(f"the parts differ in shape: {sorted(shapes)}")
+        if len(parts) == 1:
+            return parts[0]
+        (n_rows, n_cols), = shapes
+        return cls.from_pairs(np.concatenate([c.rows_of() for c in parts]), np.concatenate([c.indices for c in parts]),
+                              n_rows, n_cols)
+
     @property
     def nnz(self) -> int:
         return int(self.indices.size)

@@ -350,3 +350,72 @@ def test_pickle_and_deepcopy_after_propagation_rebuild_the_graph_matrix():
         with torch.no_grad():
             assert torch.equal(clone.score_all(torch.tensor([0, 1])), before)
     assert model._adjacency is not None  # the original keeps its own
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ranking over the users' known history: test ranks over train + valid, validation over train.
+
+
+def test_with_history_hand_computed_one_layer():
+    model = _tiny(1)
+    with torch.no_grad():
+        before = model.score_all(torch.tensor([0, 1]))
+    # the tiny graph plus (user 1, item 2): degrees u0 = 2, u1 = 2, i0 = 1, i1 = 2, i2 = 1
+    known = Csr.from_pairs(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 2]), 2, 3)
+    wider = model.with_history(known)
+    u = [(1 + (S * 3 + 0.5 * 4)) / 2, (2 + (0.5 * 4 + S * 5)) / 2]  # (E0 + Â E0) / 2 of users 0 and 1
+    i = [(3 + S * 1) / 2, (4 + 0.5 * 1 + 0.5 * 2) / 2, (5 + S * 2) / 2]
+    with torch.no_grad():
+        assert torch.allclose(wider.score_all(torch.tensor([0, 1])), torch.tensor(u)[:, None] * torch.tensor(i))
+    assert wider.user_emb.weight is model.user_emb.weight and wider.item_emb.weight is model.item_emb.weight
+    assert not wider.training and model.graph_edges.shape[1] == 3  # the original keeps its own graph and scores
+    with torch.no_grad():
+        assert torch.equal(model.score_all(torch.tensor([0, 1])), before)
+    assert model.with_history(Csr.from_pairs(TINY_USERS, TINY_ITEMS, 2, 3)) is model  # its own graph: itself
+
+
+def test_with_history_matches_a_model_built_on_that_graph_and_other_models_ignore_it():
+    from kdray.distill.teacher import Ensemble
+
+    train, known = _random_graph(12, 9, seed=1), _random_graph(12, 9, seed=2)
+    model = build_model("lightgcn", n_users=12, n_items=9, dim=4, graph=train).eval()
+    direct = build_model("lightgcn", n_users=12, n_items=9, dim=4, graph=known).eval()
+    direct.load_state_dict({**model.state_dict(), "graph_edges": direct.graph_edges})
+    users = torch.arange(12)
+    with torch.no_grad():
+        own = model.score_all(users)
+        assert torch.allclose(model.with_history(known).score_all(users), direct.score_all(users))
+        assert torch.equal(model.score_all(users), own)
+        ensemble = Ensemble([model, model]).with_history(known)
+        assert all(torch.equal(m.graph_edges, direct.graph_edges) for m in ensemble.members)
+        # a model twice is itself: the log of the mixture of two equal softmax distributions
+        assert torch.allclose(ensemble.score_all(users), direct.score_all(users).log_softmax(-1), atol=1e-6)
+    mf = build_model("mf", n_users=12, n_items=9, dim=4)
+    assert mf.with_history(known) is mf and Ensemble([mf]).with_history(known).members[0] is mf
+
+
+def test_evaluation_ranks_test_over_train_and_valid_and_validation_over_train():
+    from pathlib import Path
+
+    from kdray.data.prepare import PreparedData
+    from kdray.evaluate import evaluate_model
+    from kdray.metrics import full_ranking_evaluate
+
+    rng = np.random.default_rng(3)
+    train = _random_graph(40, 30, seed=4)
+    pairs = lambda n: Csr.from_pairs(rng.integers(0, 40, n), rng.integers(0, 30, n), 40, 30)  # noqa: E731
+    valid, test = pairs(60), pairs(80)  # overlaps with train do not matter here: both sides mask the same pairs
+    data = PreparedData(path=Path("."), n_users=40, n_items=30, train=train, valid=valid, test=test,
+                        user_ids=np.arange(40).astype(str), item_ids=np.arange(30).astype(str), user_features=None,
+                        item_features=None, meta={})
+    model = build_model("lightgcn", n_users=40, n_items=30, dim=8, graph=train).eval()
+    union = Csr.union(train, valid)
+    on_union = build_model("lightgcn", n_users=40, n_items=30, dim=8, graph=union).eval()
+    on_union.load_state_dict({**model.state_dict(), "graph_edges": on_union.graph_edges})
+    with torch.no_grad():
+        expected = full_ranking_evaluate(on_union.score_all, test, [train, valid], (5,))
+        own_graph = full_ranking_evaluate(model.score_all, test, [train, valid], (5,))
+        assert evaluate_model(model, data, "test", ks=(5,)) == expected != own_graph
+        assert evaluate_model(model, data, "valid", ks=(5,)) == full_ranking_evaluate(model.score_all, valid,
+                                                                                      [train], (5,))
+    assert union.nnz == len({(u, i) for c in (train, valid) for u, i in zip(c.rows_of(), c.indices)})

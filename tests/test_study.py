@@ -236,17 +236,21 @@ def test_report_script_writes_the_trained_models_table_between_its_own_markers(t
     cosine = _eval_record(900, 0.19, 0.16, 12, 15)
     cosine["model"]["cosine_temperature"] = 0.1
     (results / "teachers" / "c.json").write_text(json.dumps(cosine))
+    history = {**_eval_record(960, 0.178, 0.146, 30, 33), "test_graph_pairs": 1000}  # ranked over train + valid
+    (results / "teachers" / "d.json").write_text(json.dumps(history))
     bench = tmp_path / "BENCHMARKS.md"
     bench.write_text(f"# before\n{report.TEACHERS_BEGIN}\nold\n{report.TEACHERS_END}\n## after\n")
     assert report.main(["--results", str(results), "--benchmarks", str(bench)]) == 0
     text = bench.read_text()
     assert text.startswith("# before\n") and "\nold\n" not in text and text.count(report.TEACHERS_BEGIN) == 1
-    assert "| model | lr / embedding_l2 / batch | trained on (pairs) | epochs (best / run) | params | " \
-           "test Recall@20 | test NDCG@20 |" in text  # the largest K the records share
-    assert "| lightgcn-64 (seed 0) | 0.01 / 0.001 / 1,024 | 900 (train, 90%) | 28 / 31 | 4,533,696 | 0.1734 | " \
-           "0.1401 |" in text
-    assert "| 1,000 (train + valid, 100%) | 28 / 28 |" in text
-    assert "| lightgcn-64, cosine / 0.1 (seed 0) | 0.01 / 0.001 / 1,024 | 900 (train, 90%) | 12 / 15 |" in text
+    assert "| model | lr / embedding_l2 / batch | trained on (pairs) | graph at test | epochs (best / run) | " \
+           "params | test Recall@20 | test NDCG@20 |" in text  # the largest K the records share
+    # a record without test_graph_pairs was ranked over the model's own training graph
+    assert "| lightgcn-64 (seed 0) | 0.01 / 0.001 / 1,024 | 900 (train, 90%) | train | 28 / 31 | 4,533,696 | " \
+           "0.1734 | 0.1401 |" in text
+    assert "| 1,000 (train + valid, 100%) | train + valid | 28 / 28 |" in text
+    assert "| lightgcn-64, cosine / 0.1 (seed 0) | 0.01 / 0.001 / 1,024 | 900 (train, 90%) | train | 12 / 15 |" in text
+    assert "| 960 (train, 96%) | train + valid | 30 / 33 | 4,533,696 | 0.1780 | 0.1460 |" in text
     assert "    kdray eval --config configs/gowalla.yaml --checkpoint CKPT data.path=DATA/gowalla --output " \
            "/x/out.json" in text and "runs_dir" not in text
     assert report.main(["--results", str(results), "--benchmarks", str(bench)]) == 0
@@ -273,7 +277,7 @@ def test_report_script_joins_an_ensembles_members_in_one_row(tmp_path):
     text = bench.read_text()
     # equal cells appear once, different ones joined
     assert "| ensemble: lightgcn-64 (seed 0) + lightgcn-128 (seed 0) | 0.01 / 0.001 / 1,024 | 1,000 (train + valid, " \
-           "100%) | 28 / 28 + 23 / 23 | 13,601,088 | 0.1900 | 0.1600 |" in text
+           "100%) | train + valid | 28 / 28 + 23 / 23 | 13,601,088 | 0.1900 | 0.1600 |" in text
     assert "    kdray eval --checkpoint CKPT --checkpoint CKPT data.path=DATA/gowalla" in text
 
 

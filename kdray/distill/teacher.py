@@ -13,6 +13,7 @@ from kdray.checkpoint import build_from_info, model_info
 from kdray.distill import losses
 from kdray.models import RecModel, embedding_tables
 from kdray.models.pointwise import PointwiseModel
+from kdray.sparse import Csr
 from kdray.train.shard import table_batch
 
 
@@ -52,6 +53,13 @@ class Ensemble(torch.nn.Module):
         self.members = torch.nn.ModuleList(members)
         self.weights = list(weights) if weights else None
         self.n_users, self.n_items = members[0].n_users, members[0].n_items
+
+    def with_history(self, known: Csr) -> "Ensemble":
+        """The same mixture of ``member.with_history(known)`` (:meth:`kdray.models.RecModel.with_history`)."""
+        members = [m.with_history(known) for m in self.members]
+        if all(a is b for a, b in zip(members, self.members)):
+            return self
+        return Ensemble(members, self.weights)
 
     def score_all(self, users: torch.Tensor) -> torch.Tensor:
         """``[B, n_items]``: one member's logits, or the log of the members' softmax mixture."""

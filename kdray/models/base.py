@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Sequence
 from torch import Tensor, nn
 
 from kdray.errors import ConfigError
+from kdray.sparse import Csr
 
 EMBEDDING_STD = 0.1  # N(0, 0.1^2) id embeddings: MF-256 logits start with std ~0.16, small enough for any softmax
 
@@ -76,6 +77,13 @@ class RecModel(nn.Module):
     def extra_args(self) -> dict[str, Any]:
         """``build_model`` keyword arguments of this model beyond the shared ones (``model_args`` adds them)."""
         return {}
+
+    def with_history(self, known: Csr) -> "RecModel":
+        """The model that ranks for users whose known interactions are ``known`` (users x items). A model that
+        scores from its weights alone returns itself; a graph model (LightGCN) returns its weights over the graph of
+        ``known``. Evaluation passes every pair it masks as seen: the training pairs on validation, the training and
+        validation pairs on test (:func:`kdray.evaluate.evaluate_model`)."""
+        return self
 
     def forward(self, users: Tensor, items: Tensor | None = None) -> Tensor:
         """``score_all(users)`` without ``items``, else ``score(users, items)``; lets DDP wrap any model."""

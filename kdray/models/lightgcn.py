@@ -213,6 +213,20 @@ class LightGCN(RecModel):
             self._cache = (key, *self.propagate())
         return self._cache[1], self._cache[2]
 
+    def with_history(self, known: Csr) -> "LightGCN":
+        """These weights over the graph of ``known`` (every pair the evaluation masks as seen): itself when that is
+        its own graph, else a new LightGCN sharing its embedding Parameters, in the same train/eval mode. On test
+        that graph is train + valid: the published LightGCN propagates over every training pair it knows, and a
+        model whose validation pairs are left out of the graph ranks users from less of their history than the
+        mask already treats as seen. Validation still ranks over the training graph alone, so nothing it picks has
+        seen a validation pair."""
+        edges = graph_edges(known, self.n_users, self.n_items).to(self.graph_edges.device)
+        if torch.equal(edges, self.graph_edges):
+            return self
+        model = LightGCN(self.n_users, self.n_items, self.dim, edges, self.n_layers, self.cosine_temperature)
+        model.user_emb.weight, model.item_emb.weight = self.user_emb.weight, self.item_emb.weight
+        return model.train(self.training)
+
     def train(self, mode: bool = True) -> "LightGCN":
         self._cache = None
         return super().train(mode)
