@@ -403,8 +403,8 @@ def test_evaluation_ranks_test_over_train_and_valid_and_validation_over_train():
 
     rng = np.random.default_rng(3)
     train = _random_graph(40, 30, seed=4)
-    pairs = lambda n: Csr.from_pairs(rng.integers(0, 40, n), rng.integers(0, 30, n), 40, 30)  # noqa: E731
-    valid, test = pairs(60), pairs(80)  # overlaps with train do not matter here: both sides mask the same pairs
+    # random pairs; overlaps with train do not matter here, since both sides of each check mask the same pairs
+    valid, test = (Csr.from_pairs(rng.integers(0, 40, n), rng.integers(0, 30, n), 40, 30) for n in (60, 80))
     data = PreparedData(path=Path("."), n_users=40, n_items=30, train=train, valid=valid, test=test,
                         user_ids=np.arange(40).astype(str), item_ids=np.arange(30).astype(str), user_features=None,
                         item_features=None, meta={})
