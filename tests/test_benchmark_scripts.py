@@ -161,3 +161,29 @@ def test_fit_floor_counts_the_ray_processes_that_start_during_a_run_and_the_cpu_
     assert "ray::FakeActor" in record["processes"]  # (a Ray cluster of this session may start workers meanwhile)
     assert record["cpu_seconds"] > 0.05  # the loop above, at least
     assert measured(lambda: None) < 1.0 and "ray::FakeActor" not in measured.records[1]["processes"]
+
+
+def test_history_graph_scores_a_lightgcn_both_ways_and_an_mf_the_same_twice(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from kdray.models import build_model
+    from kdray.sparse import Csr
+
+    script = _script("history_graph")
+    rng = np.random.default_rng(0)
+
+    def pairs(n):
+        return Csr.from_pairs(rng.integers(0, 40, n), rng.integers(0, 30, n), 40, 30)
+
+    data = SimpleNamespace(train=pairs(200), valid=pairs(60), test=pairs(80))
+    lightgcn = build_model("lightgcn", n_users=40, n_items=30, dim=8, graph=data.train)
+    on_union = build_model("lightgcn", n_users=40, n_items=30, dim=8, graph=Csr.union(data.train, data.valid))
+    on_union.load_state_dict({**lightgcn.state_dict(), "graph_edges": on_union.graph_edges})
+    both = script.both_graphs(lightgcn, data, k=5)
+    again = script.both_graphs(on_union, data, k=5)  # already over train + valid: the same number both ways
+    assert both["train + valid"] == again["training graph"] == again["train + valid"] != both["training graph"]
+    mf = script.both_graphs(build_model("mf", n_users=40, n_items=30, dim=8), data, k=5)
+    assert mf["training graph"] == mf["train + valid"]
+    assert script.main(["--checkpoint", str(tmp_path / "nowhere"), "data.n_users=100", "data.n_items=50",
+                        "data.n_interactions=1000"]) == 2
+    assert f"checkpoint directory {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
