@@ -33,6 +33,7 @@ from kdray.config import load_config  # noqa: E402
 from kdray.errors import KdrayError  # noqa: E402
 from kdray.metrics import mask_excluded  # noqa: E402
 from kdray.pipeline import prepare_data  # noqa: E402
+from kdray.sparse import Csr  # noqa: E402
 
 
 def popularity_summary(items: np.ndarray, popularity: np.ndarray) -> dict[str, float]:
@@ -82,7 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{'':<44} {'n':>9} {'mean pop':>9} {'median':>7} {'top 1%':>7} {'top 10%':>8}")
         rows = [("validation pairs", result["valid_pairs"]), ("test pairs", result["test_pairs"])]
         for path, ckpt in zip(a.checkpoint, checkpoints):
-            summary = popularity_summary(recommended_items(ckpt.model, data, a.k).ravel(), popularity)
+            # a graph model over train + valid, the graph kdray eval ranks the test split over (with_history)
+            model = ckpt.model.with_history(Csr.union(data.train, data.valid))
+            summary = popularity_summary(recommended_items(model, data, a.k).ravel(), popularity)
             result["models"][path] = {"model": ckpt.args, **summary}
             rows.append((f"top {a.k} of {Path(path).parent.name}/{Path(path).name}", summary))
         for name, s in rows:
