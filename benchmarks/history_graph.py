@@ -12,7 +12,6 @@ prepared as the config prepares it, into a temporary folder.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import sys
@@ -25,12 +24,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing kdray
 
-from kdray.checkpoint import check_matches_data, load_checkpoint  # noqa: E402
-from kdray.config import load_config  # noqa: E402
+from benchmarks.recommended_popularity import checkpoint_args, prepared_checkpoints  # noqa: E402
 from kdray.distill.teacher import Ensemble  # noqa: E402
 from kdray.errors import KdrayError  # noqa: E402
 from kdray.metrics import full_ranking_evaluate  # noqa: E402
-from kdray.pipeline import prepare_data  # noqa: E402
 from kdray.sparse import Csr  # noqa: E402
 
 
@@ -47,22 +44,10 @@ def both_graphs(model: Any, data: Any, k: int, batch_size: int = 1024) -> dict[s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=None)
-    p.add_argument("--checkpoint", action="append", required=True, help="a model's RUN/teacher (or RUN/student)")
-    p.add_argument("--k", type=int, default=20)
-    p.add_argument("--out", default=None)
-    p.add_argument("overrides", nargs="*", help="key=value config overrides (data.path=...)")
-    a = p.parse_args(argv)
-    if a.k <= 0:
-        p.error(f"--k must be positive, got {a.k}")
+    a = checkpoint_args(__doc__.splitlines()[0], argv)
     with tempfile.TemporaryDirectory() as runs:
         try:
-            cfg = load_config(a.config, [f"runs_dir={runs}", "name=history-graph", *a.overrides])
-            data = prepare_data(cfg)
-            checkpoints = [load_checkpoint(path) for path in a.checkpoint]
-            for ckpt in checkpoints:
-                check_matches_data(ckpt, data)
+            cfg, data, checkpoints = prepared_checkpoints(a, runs, "history-graph")
         except KdrayError as e:  # a bad key, a missing file, a checkpoint of another catalog: say which
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -54,8 +54,10 @@ def recommended_items(model: torch.nn.Module, data: Any, k: int, batch_size: int
     return np.concatenate(out)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def checkpoint_args(description: str, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The arguments of a script that scores trained checkpoints on a config's data set: ``--config``,
+    ``--checkpoint`` (repeated), ``--k``, ``--out`` and ``key=value`` overrides (benchmarks/history_graph.py too)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", default=None)
     p.add_argument("--checkpoint", action="append", required=True, help="a model's RUN/teacher (or RUN/student)")
     p.add_argument("--k", type=int, default=20)
@@ -64,14 +66,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.k <= 0:
         p.error(f"--k must be positive, got {a.k}")
+    return a
+
+
+def prepared_checkpoints(a: argparse.Namespace, runs: str, name: str) -> tuple[Any, Any, list[Any]]:
+    """The config, its data set prepared under ``runs``, and each ``--checkpoint`` loaded and checked against that
+    catalog. A bad key, a missing file or a checkpoint of another catalog raises KdrayError saying which."""
+    cfg = load_config(a.config, [f"runs_dir={runs}", f"name={name}", *a.overrides])
+    data = prepare_data(cfg)
+    checkpoints = [load_checkpoint(path) for path in a.checkpoint]
+    for ckpt in checkpoints:
+        check_matches_data(ckpt, data)
+    return cfg, data, checkpoints
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = checkpoint_args(__doc__.splitlines()[0], argv)
     with tempfile.TemporaryDirectory() as runs:
         try:
-            cfg = load_config(a.config, [f"runs_dir={runs}", "name=popularity", *a.overrides])
-            data = prepare_data(cfg)
-            checkpoints = [load_checkpoint(path) for path in a.checkpoint]
-            for ckpt in checkpoints:
-                check_matches_data(ckpt, data)
-        except KdrayError as e:  # a bad key, a missing file, a checkpoint of another catalog: say which
+            _, data, checkpoints = prepared_checkpoints(a, runs, "popularity")
+        except KdrayError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         popularity = data.item_popularity()
@@ -82,9 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "test_pairs": popularity_summary(data.test.indices, popularity), "models": {}}
         print(f"{'':<44} {'n':>9} {'mean pop':>9} {'median':>7} {'top 1%':>7} {'top 10%':>8}")
         rows = [("validation pairs", result["valid_pairs"]), ("test pairs", result["test_pairs"])]
+        known = Csr.union(data.train, data.valid)  # a graph model ranks over it, as kdray eval does (with_history)
         for path, ckpt in zip(a.checkpoint, checkpoints):
-            # a graph model over train + valid, the graph kdray eval ranks the test split over (with_history)
-            model = ckpt.model.with_history(Csr.union(data.train, data.valid))
+            model = ckpt.model.with_history(known)
             summary = popularity_summary(recommended_items(model, data, a.k).ravel(), popularity)
             result["models"][path] = {"model": ckpt.args, **summary}
             rows.append((f"top {a.k} of {Path(path).parent.name}/{Path(path).name}", summary))
