@@ -60,6 +60,12 @@ def given(result: dict[str, Any]) -> bool:
     return bool(result.get("teacher_given"))
 
 
+def given_label(result: dict[str, Any]) -> str:
+    """How a table names a given teacher: "given", or "given ensemble of N" for several given models."""
+    n = len(result.get("teacher_members", [])) or 1
+    return "given" if n == 1 else f"given ensemble of {n}"
+
+
 def _pm(mean: float, std: float) -> str:
     return f"{mean:.4f}" if not math.isfinite(std) else f"{mean:.4f} ± {std:.4f}"
 
@@ -76,7 +82,7 @@ def dataset_table(results: list[dict[str, Any]]) -> str:
         recovered = "no gap" if c["gap_recovered"] is None else f"{c['gap_recovered']:.1%}"
         # a given teacher (study.teacher) had none of the study's trials: the student arms' budget is the one shown
         trials = sorted({n for arm, n in r["budget"]["trials"].items() if arm != "teacher" or not given(r)})
-        teacher = _pm(c["mean"]["teacher"], c["std"]["teacher"]) + (" (given)" if given(r) else "")
+        teacher = _pm(c["mean"]["teacher"], c["std"]["teacher"]) + (f" ({given_label(r)})" if given(r) else "")
         lines.append(
             f"| {r['student_dim']} | {p['student']:,} / {p['teacher']:,} ({p['student'] / p['teacher']:.1%}) | "
             f"{teacher} | {_pm(c['mean']['alone'], c['std']['alone'])} | "
@@ -122,6 +128,7 @@ def frontier_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             mean = sum(values) / len(values)
             std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
             rows.append({"arm": arm, "student_dim": r["student_dim"], "given": arm == "teacher" and given(r),
+                         "label": given_label(r),
                          "params": r["params"]["teacher" if arm == "teacher" else "student"], "mean": mean, "std": std})
     return rows
 
@@ -161,7 +168,7 @@ def frontier_plot(dataset: str, results: list[dict[str, Any]], path: Path) -> No
 
 def _point_label(row: dict[str, Any]) -> str:
     if row["arm"] == "teacher":
-        return f"teacher ({'given, ' if row['given'] else ''}study d={row['student_dim']})"
+        return f"teacher ({row['label'] + ', ' if row['given'] else ''}study d={row['student_dim']})"
     return f"{row['arm']} d={row['student_dim']}"
 
 
@@ -171,7 +178,10 @@ def shown_command(command: str) -> str:
     ``study.results_dir``, which change no number) is left out, so that the tables name no local path."""
     command = re.sub(r"data\.path=(\S*/)?([^/\s]+)/?(?=\s|$)", r"data.path=DATA/\2", command)
     command = re.sub(r"\s+(runs_dir|study\.results_dir)=\S+", "", command)
-    return re.sub(r"study\.teacher=\S+", "study.teacher=TEACHER", command)
+    # a list of directories (a given ensemble, quoted by shlex: 'study.teacher=[A, B]') names each member
+    command = re.sub(r"'study\.teacher=\[([^]]*)\]'", lambda m: "'study.teacher=[" + ", ".join(
+        f"TEACHER{i + 1}" for i in range(len(m.group(1).split(",")))) + "]'", command)
+    return re.sub(r"study\.teacher=(?!\[)\S+", "study.teacher=TEACHER", command)
 
 
 def block(by_dataset: dict[str, list[dict[str, Any]]], results_dir: Path) -> str:
@@ -201,9 +211,10 @@ def block(by_dataset: dict[str, list[dict[str, Any]]], results_dir: Path) -> str
         commands = [shown_command(r["command"]) for r in results if r.get("command")]
         if any("DATA/" in c for c in commands):
             parts.append("(DATA is the folder holding the data sets.)\n")
-        if any("study.teacher=TEACHER" in c for c in commands):
+        if any("study.teacher=TEACHER" in c or "study.teacher=[TEACHER" in c for c in commands):
             parts.append("(TEACHER is the given teacher's checkpoint directory, `RUN/teacher` of its `kdray teacher` "
-                         "run; the section above gives that run's command.)\n")
+                         "run, TEACHER1, TEACHER2, ... those of a given ensemble's members; the section above gives "
+                         "the runs' commands.)\n")
         parts += [f"    {c}" for c in commands]
     parts.append(END)
     return "\n".join(parts) + "\n"

@@ -218,7 +218,9 @@ class StudyConfig:
     # a trained teacher (the directory `kdray teacher` exported) as the teacher arm, instead of tuning one: for a
     # teacher too costly to search (a LightGCN on a large catalog), or the one already in production. The student
     # arms still get the same budget; the result records that the teacher was given, not tuned by the study.
-    teacher: Str = ""
+    # Several directories (a list) are one teacher: an ensemble with equal weights, distilled as one ranking.
+    teacher: Annotated[tuple[Str, ...], list_of(single=True), rule(
+        lambda ts: len(set(ts)) == len(ts) and all(ts), "must be distinct, non-empty checkpoint directories")] = ()
 
 
 @section

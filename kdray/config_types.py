@@ -34,9 +34,13 @@ def rule(ok: Callable[[Any], bool], phrase: str) -> AfterValidator:
     return AfterValidator(check)
 
 
-def list_of(n: int | None = None) -> BeforeValidator:
-    """A YAML list (or a tuple) of ``n`` values, or of any length; pydantic then types each value."""
+def list_of(n: int | None = None, single: bool = False) -> BeforeValidator:
+    """A YAML list (or a tuple) of ``n`` values, or of any length; pydantic then types each value. With ``single``, one
+    value that is not a list stands for a list of one (``study.teacher=RUN/teacher``), and "" for none (what configs
+    wrote before such a key became a list)."""
     def check(value: Any) -> Any:
+        if single and not isinstance(value, (list, tuple)):
+            value = [] if value == "" else [value]
         if not isinstance(value, (list, tuple)):
             raise PydanticCustomError("kdray", "expected a list, got {value}", {"value": short(value)})
         if n is not None and len(value) != n:

@@ -196,6 +196,18 @@ def test_type_and_range_messages(override, message):
         load_config(None, [override])
 
 
+def test_study_teacher_is_one_directory_a_list_of_them_or_none():
+    assert load_config(None, ["study.teacher=/runs/a/teacher"]).study.teacher == ("/runs/a/teacher",)
+    assert load_config(None, ["study.teacher=[/runs/a/teacher, /runs/b/teacher]"]).study.teacher == (
+        "/runs/a/teacher", "/runs/b/teacher")
+    assert load_config().study.teacher == ()
+    assert from_dict({"study": {"teacher": ""}}).study.teacher == ()  # how configs wrote "none" before the list
+    with pytest.raises(ConfigError, match=r"study.teacher: \['/a', '/a'\] must be distinct"):
+        load_config(None, ["study.teacher=[/a, /a]"])
+    with pytest.raises(ConfigError, match=r"study.teacher\[0\]: expected a string, got 3"):
+        load_config(None, ["study.teacher=[3]"])
+
+
 POINTWISE = ["task=pointwise", "data.source=ml-100k", "data.path=/data/ml-100k", "teacher.name=dcnv2",
              "teacher.dim=16", "student.name=fm", "student.dim=8", "distill.loss=soft_bce",
              "distill.init_from_teacher=false"]

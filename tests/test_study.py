@@ -200,6 +200,24 @@ def test_report_script_marks_a_given_teacher_and_shows_the_student_arms_budget(t
     assert "    kdray study data.path=DATA/gowalla study.teacher=TEACHER student.dim=4\n" in text and "/x" not in text
 
 
+def test_report_script_names_a_given_ensemble_and_each_of_its_members_in_the_command(tmp_path):
+    import shlex
+
+    report = _load_report_script()
+    d8 = _result(8, 200, [0.10, 0.10, 0.10], [0.20, 0.21, 0.22])
+    d8.update(teacher_given=True, teacher_members=[{"checkpoint": "/x/a/teacher"}, {"checkpoint": "/x/b/teacher"}],
+              command=shlex.join(["kdray", "study", "data.path=/x/gowalla",
+                                  "study.teacher=[/x/a/teacher, /x/b/teacher]", "student.dim=8"]))
+    d8["budget"]["trials"] = {"teacher": 0, "alone": 4, "distilled": 4}
+    bench = tmp_path / "BENCHMARKS.md"
+    assert report.main(["--results", str(_write_results(tmp_path, d8)), "--benchmarks", str(bench)]) == 0
+    text = bench.read_text()
+    assert "| 0.3000 ± 0.0000 (given ensemble of 2) |" in text
+    assert "| teacher (given ensemble of 2, study d=8) | 10,000 |" in text
+    assert "    kdray study data.path=DATA/gowalla 'study.teacher=[TEACHER1, TEACHER2]' student.dim=8\n" in text
+    assert "TEACHER1, TEACHER2, ..." in text and "/x" not in text
+
+
 def test_report_script_says_when_the_sizes_of_one_data_set_had_different_budgets(tmp_path):
     report = _load_report_script()
     d12 = _result(12, 600, [0.20, 0.20, 0.20], [0.25, 0.25, 0.25])
@@ -448,6 +466,41 @@ def test_a_given_teacher_is_the_teacher_arm_of_every_seed_and_gets_no_trials(stu
     for seed in (0, 1):
         assert load_checkpoint(run / f"seed-{seed}" / "student").meta["lineage"]["teachers"] == [str(given.resolve())]
     assert "the teacher was given" in out and "on validation the given teacher" in out
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_several_given_teachers_are_one_ensemble_distilled_and_scored_as_one(study, capsys):
+    from kdray.checkpoint import load_checkpoint
+    from kdray.data.prepare import load_prepared
+    from kdray.evaluate import evaluate_ensemble, evaluate_model
+
+    home = Path(study["result"]["teacher_run"])
+    members = [(home / f"seed-{s}" / "teacher").resolve() for s in (0, 1)]
+    capsys.readouterr()
+    args = [*study["args"], "study.dataset=tiny-ensemble", "student.dim=2", "study.seeds=[0]",
+            f"study.teacher=[{members[0]}, {members[1]}]"]
+    assert main(["study", *args]) == 0
+    out = capsys.readouterr().out
+    assert "[teacher] training on Ray Train" not in out and "an ensemble of 2 models" in out
+    r = json.loads((study["tmp"] / "results" / "tiny-ensemble-d2.json").read_text())
+    ckpts = [load_checkpoint(m) for m in members]
+    assert r["teacher_given"] is True and [m["checkpoint"] for m in r["teacher_members"]] == list(map(str, members))
+    assert r["params"]["teacher"] == sum(p.numel() for c in ckpts for p in c.model.parameters())
+    assert r["budget"]["trials"]["teacher"] == 0
+    # scored as one ranking, on test as `kdray eval` scores an ensemble and on validation over the same split
+    run = study["tmp"] / "runs" / "study-tiny-ensemble-d2"
+    data = load_prepared(run / "data")
+    assert r["arms"]["teacher"] == [pytest.approx(evaluate_ensemble(members, data, ks=[10])["test_ndcg@10"])]
+    from kdray.distill.teacher import Ensemble
+
+    valid = evaluate_model(Ensemble([c.model for c in ckpts]), data, "valid", [10])["ndcg@10"]
+    assert r["valid"]["winners"]["teacher"] == pytest.approx(valid)
+    assert valid not in [pytest.approx(c.metrics["valid_ndcg@10"]) for c in ckpts]  # not a member's score
+    student = load_checkpoint(run / "seed-0" / "student")  # distilled from both, as one
+    assert student.meta["lineage"]["teachers"] == list(map(str, members))
+    assert student.config["distill"]["n_teachers"] == 2
+    assert load_checkpoint(run / "seed-0" / "student_alone").meta["lineage"]["teachers"] == []
 
 
 @pytest.mark.ray

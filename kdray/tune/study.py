@@ -38,7 +38,10 @@ directory, and ``--resume`` still finds it there.)
 A teacher too costly to search (a LightGCN on a large catalog takes half an hour a training on two cores), or the one
 already in production, can be given instead: ``study.teacher=RUN/teacher``. Then there is no teacher search: every
 seed's distilled student distils from that one model, the student arms still get the same budget as each other, and
-the result says that the teacher was given (``teacher_given``) and got no trials of the study's budget.
+the result says that the teacher was given (``teacher_given``) and got no trials of the study's budget. Several
+directories, ``'study.teacher=[RUN1/teacher, RUN2/teacher]'``, are one teacher: an ensemble with equal weights, which
+the students distil as one ranking (as ``kdray run`` distils ``distill.n_teachers`` teachers) and which is scored as
+one on validation and test (``teacher_members`` lists its models).
 
 Everything else lives in one run directory per size, ``RUNS_DIR/study-<dataset>-d<dim>``: ``tune/`` (the student
 searches), ``seed-S/`` (the retrained students, reused by their stage key) and ``study.json``. ``--resume`` restores
@@ -169,7 +172,9 @@ def study_spaces(cfg: Config) -> dict[str, dict[str, dict[str, Any]]]:
 
 def _key(cfg: Config, spaces: dict[str, Any]) -> str:
     """What the searches depend on (seeds, resources and concurrency may change on --resume)."""
-    given = {"given_teacher": stage_key(cfg.study.teacher)} if cfg.study.teacher else {}
+    keys = [stage_key(p) for p in cfg.study.teacher]
+    # one given teacher keeps the key it had when study.teacher was a single path, so such studies still resume
+    given = {"given_teacher": keys[0] if len(keys) == 1 else keys} if keys else {}
     return fingerprint({"spaces": spaces, "num_samples": cfg.tune.num_samples, "searcher": cfg.tune.searcher,
                         **given,
                         "grace_period": cfg.tune.grace_period, "reduction_factor": cfg.tune.reduction_factor,
@@ -255,31 +260,51 @@ def _teacher_arm(cfg: Config, space: dict[str, Any], data: Any, resume: bool,
 
 
 def given_teacher(cfg: Config, data: Any, log: Callable[[str], None]) -> tuple[Config, ArmResult]:
-    """``study.teacher``: a trained teacher as the teacher arm, searched by no one here. Returns ``cfg`` with the
-    teacher's own ``teacher`` and ``teacher_train`` sections (so the study's records name the real teacher) and the
-    arm, whose winner is that checkpoint. ConfigError naming ``study.teacher`` for anything that cannot be it."""
-    path = Path(cfg.study.teacher).expanduser().resolve()
+    """``study.teacher``: trained teachers as the teacher arm, searched by no one here; several are one ensemble with
+    equal weights. Returns ``cfg`` with the (first) teacher's own ``teacher`` and ``teacher_train`` sections (so the
+    study's records name the real teacher) and ``distill.n_teachers`` the number of models, and the arm, whose
+    winner holds the checkpoints (``checkpoints``) and the teacher's validation score: the model's own, or the
+    ensemble's, ranked here. ConfigError naming ``study.teacher`` for anything that cannot be it."""
+    from kdray.distill.teacher import Ensemble
+    from kdray.evaluate import evaluate_model
+
     valid_key = f"valid_{cfg.select_metric}"
-    try:
-        ckpt = load_checkpoint(path)
-        check_matches_data(ckpt, data)
-        if ckpt.pointwise or valid_key not in ckpt.metrics:
-            raise ConfigError(f"study.teacher: {path} has no {valid_key} in its metrics.json (a ranking model "
-                              f"trained and validated with eval.metric={cfg.eval.metric}, eval.k={cfg.eval.k}); the "
-                              "study compares the teacher with the student alone on validation by it")
-        check_same_training_split(ckpt, data)
-    except CheckpointError as e:
-        raise ConfigError(f"study.teacher: {e}") from None
+    paths = [Path(p).expanduser().resolve() for p in cfg.study.teacher]
+    ckpts = []
+    for path in paths:
+        try:
+            ckpt = load_checkpoint(path)
+            check_matches_data(ckpt, data)
+            if ckpt.pointwise or valid_key not in ckpt.metrics:
+                raise ConfigError(f"study.teacher: {path} has no {valid_key} in its metrics.json (a ranking model "
+                                  f"trained and validated with eval.metric={cfg.eval.metric}, eval.k={cfg.eval.k}); "
+                                  "the study compares the teacher with the student alone on validation by it")
+            check_same_training_split(ckpt, data)
+        except CheckpointError as e:
+            raise ConfigError(f"study.teacher: {e}") from None
+        ckpts.append(ckpt)
     sections = {f"{section}.{k}": v for section in ("teacher", "teacher_train")
-                for k, v in ckpt.config.get(section, {}).items()}
+                for k, v in ckpts[0].config.get(section, {}).items()}
     try:
-        cfg = replace(cfg, **sections, **{"study.teacher": str(path)})
+        cfg = replace(cfg, **sections, **{"study.teacher": tuple(map(str, paths)), "distill.n_teachers": len(paths)})
     except ConfigError as e:
-        raise ConfigError(f"study.teacher: {path}/config.json: {e}") from None
-    n_params = int(ckpt.metrics.get("n_params") or sum(p.numel() for p in ckpt.model.parameters()))
-    winner = {"trial": "given", "checkpoint": str(path), "n_params": n_params, valid_key: ckpt.metrics[valid_key]}
-    log(f"[study] teacher: given ({path}), {cfg.teacher.name}-{cfg.teacher.dim}, {n_params:,} parameters, valid "
-        f"{cfg.select_metric} {winner[valid_key]:.4f}; not tuned by this study")
+        raise ConfigError(f"study.teacher: {paths[0]}/config.json: {e}") from None
+    members = [{"checkpoint": str(path), "model": f"{c.config['teacher']['name']}-{c.config['teacher']['dim']}",
+                "n_params": int(c.metrics.get("n_params") or sum(p.numel() for p in c.model.parameters())),
+                valid_key: c.metrics[valid_key]} for path, c in zip(paths, ckpts)]
+    if len(ckpts) == 1:
+        valid = members[0][valid_key]
+    else:  # ranked the way the students distil it; the validation split masks (and propagates over) train only
+        valid = evaluate_model(Ensemble([c.model for c in ckpts]), data, "valid", [cfg.eval.k],
+                               cfg.eval.batch_size)[cfg.select_metric]
+        for m in members:
+            log(f"[study] teacher member: {m['checkpoint']}, {m['model']}, {m['n_params']:,} parameters, valid "
+                f"{cfg.select_metric} {m[valid_key]:.4f}")
+    what = members[0]["model"] if len(ckpts) == 1 else f"an ensemble of {len(ckpts)} models, equal weights"
+    winner = {"trial": "given", "checkpoint": ", ".join(map(str, paths)), "checkpoints": [str(p) for p in paths],
+              "members": members, "n_params": sum(m["n_params"] for m in members), valid_key: valid}
+    log(f"[study] teacher: given ({winner['checkpoint']}), {what}, {winner['n_params']:,} parameters, valid "
+        f"{cfg.select_metric} {valid:.4f}; not tuned by this study")
     return cfg, ArmResult(rows=[], winner=winner, params={})
 
 
@@ -312,11 +337,24 @@ def _seed_model(cfg: Config, role: str, data: Any, out_dir: Path, teachers: list
     return train_stage(cfg, role, data, out_dir, teachers, log)
 
 
+def _scores(models: list[Path], data: Any, cfg: Config, given: dict[str, Any] | None) -> dict[str, float]:
+    """Test and validation scores of one arm's model of one seed: a checkpoint, or a given ensemble (its members
+    ranked as one, with the validation score it was given with)."""
+    from kdray.evaluate import evaluate_checkpoint, evaluate_ensemble
+
+    valid_key = f"valid_{cfg.select_metric}"
+    if len(models) == 1:
+        test = evaluate_checkpoint(models[0], data, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size, write=False)
+        return {**test, valid_key: load_checkpoint(models[0]).metrics[valid_key]}
+    assert given is not None, "only a given teacher is an ensemble in a study"
+    test = evaluate_ensemble(models, data, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size)
+    return {**test, valid_key: given[valid_key]}
+
+
 def run_study(cfg: Config, resume: bool = False, log: Callable[[str], None] = print,
               command: str = "") -> dict[str, Any]:
     """Runs (or resumes) the three searches and the seed retraining; writes and returns the result (see the module
     docstring). ``command`` is recorded as how to reproduce it."""
-    from kdray.evaluate import evaluate_checkpoint
     from kdray.pipeline import prepare_data, write_resolved_config
     from kdray.tune.search import _searcher, check_resources
 
@@ -336,17 +374,18 @@ def run_study(cfg: Config, resume: bool = False, log: Callable[[str], None] = pr
     all_arms = (*STUDY_ARMS, *extra)
     arm_spaces = {**spaces, **dict.fromkeys(extra, spaces["distilled"])}
     arms: dict[str, ArmResult] = {}
-    if cfg.study.teacher:  # one given model: every seed's student distils from it
-        arms["teacher"], teacher_run = given, Path(given.winner["checkpoint"])
-        teacher_models = dict.fromkeys(cfg.study.seeds, teacher_run)
+    if cfg.study.teacher:  # the given model(s): every seed's student distils from them
+        arms["teacher"], searched = given, [Path(p) for p in given.winner["checkpoints"]]
+        teacher_models, teacher_run = dict.fromkeys(cfg.study.seeds, searched), given.winner["checkpoint"]
     else:
-        arms["teacher"], teacher_models, teacher_run = _teacher_arm(cfg, spaces["teacher"], data, resume, log)
+        arms["teacher"], seed_teachers, home = _teacher_arm(cfg, spaces["teacher"], data, resume, log)
+        searched, teacher_run = [Path(arms["teacher"].winner["checkpoint"])], str(home)
+        teacher_models = {seed: [path] for seed, path in seed_teachers.items()}
     # the student arms distil from (and record) the tuned teacher
     base = trial_config(cfg, arms["teacher"].params, "teacher")
     bases = {a: loss_config(base, extra[a]) if a in extra else base for a in all_arms[1:]}
     for arm in all_arms[1:]:
-        teachers = [Path(arms["teacher"].winner["checkpoint"])] if distils(arm) else []
-        arms[arm] = search_arm(bases[arm], arm, arm_spaces[arm], data, teachers, resume, log)
+        arms[arm] = search_arm(bases[arm], arm, arm_spaces[arm], data, searched if distils(arm) else [], resume, log)
         if arms[arm].winner is None:
             raise KdrayError(f"the study's {arm} arm completed no trial; see {RunLayout(cfg.run_dir).tune_trials(arm)}")
         log(_arm_line(arm, arms[arm], metric))
@@ -354,22 +393,24 @@ def run_study(cfg: Config, resume: bool = False, log: Callable[[str], None] = pr
     valid_key, test_key, recall_key = f"valid_{metric}", f"test_{metric}", f"test_recall@{cfg.eval.k}"
     scores: dict[str, dict[str, list[float]]] = {k: {arm: [] for arm in all_arms}
                                                  for k in (test_key, recall_key, valid_key)}
+    scored: dict[tuple[Path, ...], dict[str, float]] = {}
     for seed in cfg.study.seeds:
         layout = RunLayout(cfg.run_dir / f"seed-{seed}")
         configs = {arm: replace(trial_config(bases[arm], arms[arm].params, arm),
                                 **{f"{role_of(arm)}_train.seed": seed}) for arm in all_arms[1:]}
-        teacher = teacher_models[seed]
+        teachers = teacher_models[seed]
         out_dirs = {"alone": layout.student_alone, "distilled": layout.student,
                     **{arm: layout.root / f"student-{loss}" for arm, loss in extra.items()}}
-        paths = {"teacher": teacher}
+        paths = {"teacher": teachers}
         for arm, out in out_dirs.items():
-            used = [teacher] if distils(arm) else []
-            paths[arm] = _seed_model(configs[arm], "student", data, out, used, arms[arm].winner, log)
-        for arm, path in paths.items():
-            test = evaluate_checkpoint(path, data, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size, write=False)
-            scores[test_key][arm].append(test[test_key])
-            scores[recall_key][arm].append(test[recall_key])
-            scores[valid_key][arm].append(load_checkpoint(path).metrics[valid_key])
+            used = teachers if distils(arm) else []
+            paths[arm] = [_seed_model(configs[arm], "student", data, out, used, arms[arm].winner, log)]
+        for arm, models in paths.items():
+            key = tuple(models)
+            if key not in scored:  # a given teacher is the same model(s) for every seed: scored once
+                scored[key] = _scores(models, data, cfg, arms["teacher"].winner if arm == "teacher" else None)
+            for k in (test_key, recall_key, valid_key):
+                scores[k][arm].append(scored[key][k])
         log(f"[study] seed {seed}: test {metric} " + ", ".join(f"{a} {scores[test_key][a][-1]:.4f}" for a in all_arms))
 
     winners_valid = {arm: arms[arm].winner[valid_key] for arm in all_arms}
@@ -393,8 +434,9 @@ def run_study(cfg: Config, resume: bool = False, log: Callable[[str], None] = pr
                           "summary": compare(scores[test_key]["teacher"], scores[test_key]["alone"],
                                              scores[test_key][arm])}
                    for arm, loss in extra.items()},
-        # a given teacher (study.teacher) got none of the study's trials
+        # a given teacher (study.teacher) got none of the study's trials; several given models are one ensemble
         "teacher_given": bool(cfg.study.teacher),
+        **({"teacher_members": arms["teacher"].winner["members"]} if len(cfg.study.teacher) > 1 else {}),
         "budget": {"trials": {arm: 0 if arm == "teacher" and cfg.study.teacher
                               else arm_trials(cfg, arm_spaces[arm], arm) for arm in all_arms},
                    "completed": {arm: _count(arms[arm], "completed") for arm in all_arms},
@@ -405,7 +447,7 @@ def run_study(cfg: Config, resume: bool = False, log: Callable[[str], None] = pr
                    "epochs": cfg.study.epochs, "patience": cfg.study.patience, "spaces": spaces},
         "winners": {arm: {"trial": arms[arm].winner["trial"], "params": arms[arm].params,
                           valid_key: winners_valid[arm]} for arm in STUDY_ARMS},
-        "teacher_run": str(teacher_run), "command": command, "seconds": time.perf_counter() - t0,
+        "teacher_run": teacher_run, "command": command, "seconds": time.perf_counter() - t0,
     }
     text = json.dumps(result, indent=2, default=float) + "\n"
     atomic_write_text(cfg.run_dir / "study.json", text)
