@@ -86,14 +86,21 @@ def evaluate_ensemble(paths: Sequence[str | Path], data: PreparedData, weights: 
                       ks: Sequence[int] = (10, 20), batch_size: int = 1024) -> dict[str, Any]:
     """The same summary for several checkpoints ranked as one ensemble, the way a student distils them
     (:class:`kdray.distill.teacher.Ensemble`): what the distilled student is trained to reproduce. Parameters are
-    the members' sum. Nothing is written into the members' checkpoints."""
+    the members' sum. With a validation split, also the ensemble's validation metrics (``valid_*``): each member's
+    own are in its checkpoint, and what may pick one ensemble over another is the ensemble's. Nothing is written
+    into the members' checkpoints."""
     from kdray.distill.teacher import Ensemble
 
     members = [_ranking_checkpoint(p, data).model for p in paths]
     if weights and len(weights) != len(members):
         raise ConfigError(f"distill.teacher_weights has {len(weights)} weights for {len(members)} checkpoints: give "
                           "one per checkpoint, or none for equal weights")
-    return _test_summary(Ensemble(members, list(weights or []) or None), data, ks, batch_size)
+    ensemble = Ensemble(members, list(weights or []) or None)
+    out = _test_summary(ensemble, data, ks, batch_size)
+    if data.valid.nnz:
+        valid = evaluate_model(ensemble, data, "valid", ks, batch_size)
+        out.update({f"valid_{k}": v for k, v in valid.items() if "@" in k})
+    return out
 
 
 def _trained_model(path: str | Path, data: Any) -> dict[str, Any]:
@@ -130,8 +137,10 @@ def evaluation_record(path: str | Path, data: Any, metrics: dict[str, Any], comm
 def ensemble_record(paths: Sequence[str | Path], data: Any, metrics: dict[str, Any], command: str,
                     weights: Sequence[float] | None) -> dict[str, Any]:
     """``kdray eval --output`` for several checkpoints ranked as one ensemble: each member as
-    :func:`evaluation_record` describes it (without test metrics of its own), the weights, the ensemble's metrics."""
+    :func:`evaluation_record` describes it (without test metrics of its own), the weights, the ensemble's metrics
+    (test, and validation where the data has a validation split)."""
     return {"checkpoints": [str(p) for p in paths], "command": command, "role": "ensemble",
             "weights": list(weights) if weights else None,
             "members": [{"checkpoint": str(p), **_trained_model(p, data)} for p in paths],
-            "n_params": metrics["n_params"], "test": {k: v for k, v in metrics.items() if k.startswith("test_")}}
+            "n_params": metrics["n_params"], "test": {k: v for k, v in metrics.items() if k.startswith("test_")},
+            **({"valid": valid} if (valid := {k: v for k, v in metrics.items() if k.startswith("valid_")}) else {})}

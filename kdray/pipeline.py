@@ -154,8 +154,7 @@ def run_pipeline(cfg: Config, log=print, on_epoch: OnEpoch | None = None) -> Run
         rows.insert(len(teachers), {
             "model": "teacher ensemble", "path": ", ".join(str(p) for p in teachers), **metrics,
             "train_seconds": sum(r["train_seconds"] or 0 for r in rows[:len(teachers)]), "best_epoch": None,
-            "tuning": f"the {len(teachers)} teachers above ranked as one, as the student distils them",
-            f"valid_{cfg.select_metric}": None})
+            "tuning": f"the {len(teachers)} teachers above ranked as one, as the student distils them"})
     teacher_params = rows[0]["n_params"]
     for row in rows:
         row["compression"] = row["n_params"] / teacher_params

@@ -131,6 +131,7 @@ def test_kdray_run_end_to_end(ray_cluster, tmp_path, capsys):
     joint = summary["rows"][2]
     assert joint["n_params"] == summary["rows"][0]["n_params"] + summary["rows"][1]["n_params"]
     assert joint["compression"] == 2.0 and "ranked as one" in joint["tuning"]
+    assert 0.0 < joint["valid_ndcg@10"] <= 1.0  # the ensemble's own validation score, ranked as one
     assert (run / "report.md").read_text().startswith("# kdray run `e2e`")
     # a random split: validation and test items alike in popularity, recorded and not flagged
     assert abs(summary["data"]["popularity_shift"]["relative"]) < 0.1
@@ -175,6 +176,9 @@ def test_cli_stages_one_at_a_time(ray_cluster, tmp_path, capsys):
     assert ensemble["n_params"] == 2 * record["n_params"] and ensemble["weights"] is None
     assert ensemble["test"]["test_ndcg@10"] == pytest.approx(record["test"]["test_ndcg@10"])
     assert ensemble["test"]["test_recall@10"] == pytest.approx(record["test"]["test_recall@10"])
+    # and on validation it scores what the training loop measured for its best epoch
+    assert ensemble["valid"]["valid_ndcg@10"] == pytest.approx(load_checkpoint(teacher).metrics["valid_ndcg@10"])
+    assert "valid" not in record  # a single model's validation score is its training's (record["trained"])
     capsys.readouterr()
     student = tmp_path / "stages" / "student"
     assert main(["eval", "--checkpoint", str(teacher), "--checkpoint", str(student), *args, "distill.n_teachers=3",

@@ -337,18 +337,16 @@ def _seed_model(cfg: Config, role: str, data: Any, out_dir: Path, teachers: list
     return train_stage(cfg, role, data, out_dir, teachers, log)
 
 
-def _scores(models: list[Path], data: Any, cfg: Config, given: dict[str, Any] | None) -> dict[str, float]:
-    """Test and validation scores of one arm's model of one seed: a checkpoint, or a given ensemble (its members
-    ranked as one, with the validation score it was given with)."""
+def _scores(models: list[Path], data: Any, cfg: Config) -> dict[str, float]:
+    """Test and validation scores of one arm's model of one seed: a checkpoint (its validation score from training),
+    or a given ensemble (its members ranked as one on both splits)."""
     from kdray.evaluate import evaluate_checkpoint, evaluate_ensemble
 
+    if len(models) > 1:
+        return evaluate_ensemble(models, data, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size)
     valid_key = f"valid_{cfg.select_metric}"
-    if len(models) == 1:
-        test = evaluate_checkpoint(models[0], data, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size, write=False)
-        return {**test, valid_key: load_checkpoint(models[0]).metrics[valid_key]}
-    assert given is not None, "only a given teacher is an ensemble in a study"
-    test = evaluate_ensemble(models, data, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size)
-    return {**test, valid_key: given[valid_key]}
+    test = evaluate_checkpoint(models[0], data, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size, write=False)
+    return {**test, valid_key: load_checkpoint(models[0]).metrics[valid_key]}
 
 
 def run_study(cfg: Config, resume: bool = False, log: Callable[[str], None] = print,
@@ -408,7 +406,7 @@ def run_study(cfg: Config, resume: bool = False, log: Callable[[str], None] = pr
         for arm, models in paths.items():
             key = tuple(models)
             if key not in scored:  # a given teacher is the same model(s) for every seed: scored once
-                scored[key] = _scores(models, data, cfg, arms["teacher"].winner if arm == "teacher" else None)
+                scored[key] = _scores(models, data, cfg)
             for k in (test_key, recall_key, valid_key):
                 scores[k][arm].append(scored[key][k])
         log(f"[study] seed {seed}: test {metric} " + ", ".join(f"{a} {scores[test_key][a][-1]:.4f}" for a in all_arms))
