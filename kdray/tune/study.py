@@ -263,10 +263,10 @@ def given_teacher(cfg: Config, data: Any, log: Callable[[str], None]) -> tuple[C
     """``study.teacher``: trained teachers as the teacher arm, searched by no one here; several are one ensemble with
     equal weights. Returns ``cfg`` with the (first) teacher's own ``teacher`` and ``teacher_train`` sections (so the
     study's records name the real teacher) and ``distill.n_teachers`` the number of models, and the arm, whose
-    winner holds the checkpoints (``checkpoints``) and the teacher's validation score: the model's own, or the
-    ensemble's, ranked here. ConfigError naming ``study.teacher`` for anything that cannot be it."""
-    from kdray.distill.teacher import Ensemble
-    from kdray.evaluate import evaluate_model
+    winner holds the checkpoints (``checkpoints``) and the teacher's validation score: the model's own, or, for an
+    ensemble, the ensemble's, from its test and validation scores (``scores``), ranked here once for every seed.
+    ConfigError naming ``study.teacher`` for anything that cannot be it."""
+    from kdray.evaluate import evaluate_ensemble
 
     valid_key = f"valid_{cfg.select_metric}"
     paths = [Path(p).expanduser().resolve() for p in cfg.study.teacher]
@@ -292,19 +292,20 @@ def given_teacher(cfg: Config, data: Any, log: Callable[[str], None]) -> tuple[C
     members = [{"checkpoint": str(path), "model": f"{c.config['teacher']['name']}-{c.config['teacher']['dim']}",
                 "n_params": int(c.metrics.get("n_params") or sum(p.numel() for p in c.model.parameters())),
                 valid_key: c.metrics[valid_key]} for path, c in zip(paths, ckpts)]
+    scored = {}
     if len(ckpts) == 1:
         valid = members[0][valid_key]
     else:  # ranked the way the students distil it; the validation split masks (and propagates over) train only
-        valid = evaluate_model(Ensemble([c.model for c in ckpts]), data, "valid", [cfg.eval.k],
-                               cfg.eval.batch_size)[cfg.select_metric]
+        scored = {"scores": evaluate_ensemble(paths, data, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size)}
+        valid = scored["scores"][valid_key]
         for m in members:
             log(f"[study] teacher member: {m['checkpoint']}, {m['model']}, {m['n_params']:,} parameters, valid "
                 f"{cfg.select_metric} {m[valid_key]:.4f}")
     what = members[0]["model"] if len(ckpts) == 1 else f"an ensemble of {len(ckpts)} models, equal weights"
-    winner = {"trial": "given", "checkpoint": ", ".join(map(str, paths)), "checkpoints": [str(p) for p in paths],
-              "members": members, "n_params": sum(m["n_params"] for m in members), valid_key: valid}
-    log(f"[study] teacher: given ({winner['checkpoint']}), {what}, {winner['n_params']:,} parameters, valid "
-        f"{cfg.select_metric} {valid:.4f}; not tuned by this study")
+    winner = {"trial": "given", "checkpoints": [str(p) for p in paths], "members": members,
+              "n_params": sum(m["n_params"] for m in members), valid_key: valid, **scored}
+    log(f"[study] teacher: given ({', '.join(winner['checkpoints'])}), {what}, {winner['n_params']:,} parameters, "
+        f"valid {cfg.select_metric} {valid:.4f}; not tuned by this study")
     return cfg, ArmResult(rows=[], winner=winner, params={})
 
 
@@ -337,16 +338,13 @@ def _seed_model(cfg: Config, role: str, data: Any, out_dir: Path, teachers: list
     return train_stage(cfg, role, data, out_dir, teachers, log)
 
 
-def _scores(models: list[Path], data: Any, cfg: Config) -> dict[str, float]:
-    """Test and validation scores of one arm's model of one seed: a checkpoint (its validation score from training),
-    or a given ensemble (its members ranked as one on both splits)."""
-    from kdray.evaluate import evaluate_checkpoint, evaluate_ensemble
+def _scores(path: Path, data: Any, cfg: Config) -> dict[str, float]:
+    """Test and validation scores of one arm's model of one seed (its validation score from training)."""
+    from kdray.evaluate import evaluate_checkpoint
 
-    if len(models) > 1:
-        return evaluate_ensemble(models, data, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size)
     valid_key = f"valid_{cfg.select_metric}"
-    test = evaluate_checkpoint(models[0], data, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size, write=False)
-    return {**test, valid_key: load_checkpoint(models[0]).metrics[valid_key]}
+    test = evaluate_checkpoint(path, data, ks=cfg.eval.ks, batch_size=cfg.eval.batch_size, write=False)
+    return {**test, valid_key: load_checkpoint(path).metrics[valid_key]}
 
 
 def run_study(cfg: Config, resume: bool = False, log: Callable[[str], None] = print,
@@ -374,7 +372,7 @@ def run_study(cfg: Config, resume: bool = False, log: Callable[[str], None] = pr
     arms: dict[str, ArmResult] = {}
     if cfg.study.teacher:  # the given model(s): every seed's student distils from them
         arms["teacher"], searched = given, [Path(p) for p in given.winner["checkpoints"]]
-        teacher_models, teacher_run = dict.fromkeys(cfg.study.seeds, searched), given.winner["checkpoint"]
+        teacher_models, teacher_run = dict.fromkeys(cfg.study.seeds, searched), ", ".join(map(str, searched))
     else:
         arms["teacher"], seed_teachers, home = _teacher_arm(cfg, spaces["teacher"], data, resume, log)
         searched, teacher_run = [Path(arms["teacher"].winner["checkpoint"])], str(home)
@@ -391,7 +389,8 @@ def run_study(cfg: Config, resume: bool = False, log: Callable[[str], None] = pr
     valid_key, test_key, recall_key = f"valid_{metric}", f"test_{metric}", f"test_recall@{cfg.eval.k}"
     scores: dict[str, dict[str, list[float]]] = {k: {arm: [] for arm in all_arms}
                                                  for k in (test_key, recall_key, valid_key)}
-    scored: dict[tuple[Path, ...], dict[str, float]] = {}
+    # every model is scored once: a given ensemble was when the study started (given_teacher), the rest are here
+    scored = {tuple(searched): arms["teacher"].winner["scores"]} if "scores" in arms["teacher"].winner else {}
     for seed in cfg.study.seeds:
         layout = RunLayout(cfg.run_dir / f"seed-{seed}")
         configs = {arm: replace(trial_config(bases[arm], arms[arm].params, arm),
@@ -405,8 +404,8 @@ def run_study(cfg: Config, resume: bool = False, log: Callable[[str], None] = pr
             paths[arm] = [_seed_model(configs[arm], "student", data, out, used, arms[arm].winner, log)]
         for arm, models in paths.items():
             key = tuple(models)
-            if key not in scored:  # a given teacher is the same model(s) for every seed: scored once
-                scored[key] = _scores(models, data, cfg)
+            if key not in scored:  # a given teacher is the same model for every seed
+                scored[key] = _scores(models[0], data, cfg)
             for k in (test_key, recall_key, valid_key):
                 scores[k][arm].append(scored[key][k])
         log(f"[study] seed {seed}: test {metric} " + ", ".join(f"{a} {scores[test_key][a][-1]:.4f}" for a in all_arms))
