@@ -99,7 +99,8 @@ def test_recommended_popularity_masks_seen_items_and_summarises_training_popular
     assert f"checkpoint directory {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["foldin_latency", "replay", "serve_load", "dataset_counts", "split_popularity"])
+@pytest.mark.parametrize("name", ["foldin_latency", "replay", "serve_load", "dataset_counts", "split_popularity",
+                                  "gowalla_subsample"])
 def test_scripts_that_read_real_data_ask_for_its_folder(name, capsys):
     with pytest.raises(SystemExit) as exit_:
         _script(name).main([])
@@ -187,3 +188,29 @@ def test_history_graph_scores_a_lightgcn_both_ways_and_an_mf_the_same_twice(tmp_
     assert script.main(["--checkpoint", str(tmp_path / "nowhere"), "data.n_users=100", "data.n_items=50",
                         "data.n_interactions=1000"]) == 2
     assert f"checkpoint directory {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+
+
+def test_gowalla_subsample_keeps_every_pair_of_the_drawn_users_from_both_files_once(tmp_path, capsys):
+    script = _script("gowalla_subsample")
+    data = tmp_path / "gowalla"
+    data.mkdir()
+    # users 0..5; user 1 has item 7 in both files, which the CSV must hold once
+    (data / "train.txt").write_text("0 1 2\n1 3 7\n2 4\n3 5 6\n4 1\n5 2 3\n")
+    (data / "test.txt").write_text("0 9\n1 7 8\n3 1\n")
+    pairs = {0: {1, 2, 9}, 1: {3, 7, 8}, 2: {4}, 3: {5, 6, 1}, 4: {1}, 5: {2, 3}}
+    out = tmp_path / "sub.csv"
+    assert script.main(["--data", str(data), "--fraction", "0.5", "--seed", "3", "--out", str(out)]) == 0
+    import pandas as pd
+
+    sub = pd.read_csv(out)
+    assert list(sub.columns) == ["user", "item"] and not sub.duplicated().any()
+    drawn = list(dict.fromkeys(sub["user"]))
+    assert len(drawn) == 3  # half of the six users
+    assert {u: set(sub.loc[sub["user"] == u, "item"]) for u in drawn} == {u: pairs[u] for u in drawn}
+    assert "3 users" in capsys.readouterr().out
+    again = tmp_path / "again.csv"
+    script.main(["--data", str(data), "--fraction", "0.5", "--seed", "3", "--out", str(again)])
+    assert again.read_bytes() == out.read_bytes()  # the same seed, the same users
+    with pytest.raises(SystemExit) as exit_:
+        script.main(["--data", str(data), "--fraction", "1.5", "--out", str(out)])
+    assert exit_.value.code == 2 and "--fraction must be in (0, 1]" in capsys.readouterr().err
