@@ -116,10 +116,13 @@ def losses_table(results: list[dict[str, Any]]) -> str | None:
 
 
 def frontier_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The frontier's points: each study's teacher (one per study: each tuned its own), alone, and one
-    ``distilled-<loss>`` point per distillation loss, the main one (``loss``) and each extra one: studies of one data
-    set may have different main losses."""
+    """The frontier's points: each study's teacher, alone, and one ``distilled-<loss>`` point per distillation loss,
+    the main one (``loss``) and each extra one: studies of one data set may have different main losses.
+
+    Studies of one data set whose teachers score the same seed for seed (the shared teacher arm, one given teacher,
+    or a seeded search that picked the same teacher again) show that teacher once; ``student_dims`` lists them."""
     rows = []
+    teachers: dict[tuple, dict[str, Any]] = {}  # (params, per-seed scores, given, label) -> that teacher's row
     for r in results:
         arms = {"teacher": r["arms"]["teacher"], "alone": r["arms"]["alone"],
                 f"distilled-{main_loss(r)}": r["arms"]["distilled"]}
@@ -127,9 +130,16 @@ def frontier_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for arm, values in arms.items():
             mean = sum(values) / len(values)
             std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-            rows.append({"arm": arm, "student_dim": r["student_dim"], "given": arm == "teacher" and given(r),
-                         "label": given_label(r),
-                         "params": r["params"]["teacher" if arm == "teacher" else "student"], "mean": mean, "std": std})
+            row = {"arm": arm, "student_dim": r["student_dim"], "student_dims": [r["student_dim"]],
+                   "given": arm == "teacher" and given(r), "label": given_label(r),
+                   "params": r["params"]["teacher" if arm == "teacher" else "student"], "mean": mean, "std": std}
+            if arm == "teacher":
+                key = (row["params"], tuple(values), row["given"], row["label"])
+                if key in teachers:
+                    teachers[key]["student_dims"].append(r["student_dim"])
+                    continue
+                teachers[key] = row
+            rows.append(row)
     return rows
 
 
@@ -168,7 +178,9 @@ def frontier_plot(dataset: str, results: list[dict[str, Any]], path: Path) -> No
 
 def _point_label(row: dict[str, Any]) -> str:
     if row["arm"] == "teacher":
-        return f"teacher ({row['label'] + ', ' if row['given'] else ''}study d={row['student_dim']})"
+        dims = sorted(row["student_dims"])
+        studies = f"study d={dims[0]}" if len(dims) == 1 else "studies d=" + ", ".join(map(str, dims))
+        return f"teacher ({row['label'] + ', ' if row['given'] else ''}{studies})"
     return f"{row['arm']} d={row['student_dim']}"
 
 

@@ -175,6 +175,8 @@ def test_report_script_writes_the_tables_between_the_markers_and_the_frontier(tm
     assert "| +0.0100 | 5.0% | no | yes |" in rows[0] and "200 / 10,000 (2.0%)" in rows[0]
     assert "| distilled-rd d=8 | 400 | 0.2700 ± 0.0100 |" in text and "kdray study student.dim=8" in text
     assert "The compression frontier (every point tuned with the same budget):" in text  # 8 trials at both sizes
+    # both studies have the same teacher, seed for seed (a shared teacher arm): one point, naming both studies
+    assert "| teacher (studies d=4, 8) | 10,000 |" in text and text.count("| teacher (") == 1
     # the machine's data folder is not printed
     assert "    kdray study data.path=DATA/ml-100k student.dim=4" in text and "/home/me" not in text
     import matplotlib.image
@@ -183,6 +185,17 @@ def test_report_script_writes_the_tables_between_the_markers_and_the_frontier(tm
     again = bench.read_text()
     assert report.main(["--results", str(results), "--benchmarks", str(bench)]) == 0
     assert bench.read_text() == again  # regenerating replaces the block, it does not add another
+
+
+def test_report_script_keeps_one_frontier_point_per_study_whose_teachers_differ(tmp_path):
+    report = _load_report_script()
+    d4 = _result(4, 200, [0.10, 0.10, 0.10], [0.20, 0.20, 0.20])
+    d8 = _result(8, 400, [0.20, 0.22, 0.24], [0.26, 0.27, 0.28])
+    d8["arms"]["teacher"] = [0.30, 0.31, 0.29]  # a teacher tuned by this study alone: same mean, other seeds
+    teachers = [r for r in report.frontier_rows(report.load_results(_write_results(tmp_path, d4, d8))["toy"])
+                if r["arm"] == "teacher"]
+    assert [r["student_dims"] for r in teachers] == [[4], [8]]
+    assert [report._point_label(r) for r in teachers] == ["teacher (study d=4)", "teacher (study d=8)"]
 
 
 def test_report_script_marks_a_given_teacher_and_shows_the_student_arms_budget(tmp_path):
