@@ -459,64 +459,70 @@ def test_another_student_size_reuses_the_tuned_teacher_arm(study, capsys):
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(600)
-def test_a_given_teacher_is_the_teacher_arm_of_every_seed_and_gets_no_trials(study, capsys):
+def test_one_given_teacher_is_scored_by_its_own_validation_and_lends_the_study_its_settings(study):
+    # the path of a single study.teacher, without a study around it: the arm that run_study uses in place of the
+    # teacher search (the test below runs a whole study from given teachers, an ensemble of two)
     from kdray.checkpoint import load_checkpoint
+    from kdray.data.prepare import load_prepared
+    from kdray.tune.study import given_teacher
 
-    given = Path(study["result"]["teacher_run"]) / "seed-1" / "teacher"
-    before = given.joinpath("model.pt").stat().st_mtime_ns
-    capsys.readouterr()
-    args = [*study["args"], "study.dataset=tiny-given", "student.dim=2", "study.seeds=[0, 1]", f"study.teacher={given}"]
-    assert main(["study", *args]) == 0
-    out = capsys.readouterr().out
-    assert "[teacher] training on Ray Train" not in out and "[tune] teacher" not in out  # no teacher search
-    assert given.joinpath("model.pt").stat().st_mtime_ns == before
-    r = json.loads((study["tmp"] / "results" / "tiny-given-d2.json").read_text())
-    assert r["teacher_given"] is True and r["teacher_run"] == str(given.resolve())
-    assert r["budget"]["trials"] == {"teacher": 0, "alone": 1, "distilled": 1}
+    given = (Path(study["result"]["teacher_run"]) / "seed-1" / "teacher").resolve()
+    cfg = study_config(load_config(None, [*study["args"], f"study.teacher={given}"]))
+    data = load_prepared(study["tmp"] / "runs" / "study-tiny-d4" / "data")
+    lines: list[str] = []
+    cfg, arm = given_teacher(cfg, data, lines.append)
     teacher = load_checkpoint(given)
-    assert r["winners"]["teacher"]["trial"] == "given"
-    assert r["valid"]["winners"]["teacher"] == pytest.approx(teacher.metrics["valid_ndcg@10"])
-    assert r["arms"]["teacher"][0] == r["arms"]["teacher"][1]  # one model for both seeds
-    run = study["tmp"] / "runs" / "study-tiny-given-d2"
-    for seed in (0, 1):
-        assert load_checkpoint(run / f"seed-{seed}" / "student").meta["lineage"]["teachers"] == [str(given.resolve())]
-    assert "the teacher was given" in out and "on validation the given teacher" in out
+    assert arm.winner["trial"] == "given" and arm.winner["checkpoints"] == [str(given)] and arm.rows == []
+    assert arm.winner["valid_ndcg@10"] == pytest.approx(teacher.metrics["valid_ndcg@10"])  # its own, not re-ranked
+    assert "scores" not in arm.winner and arm.winner["n_params"] == sum(p.numel() for p in teacher.model.parameters())
+    assert cfg.study.teacher == (str(given),) and cfg.distill.n_teachers == 1
+    assert cfg.teacher_train.seed == 1 and cfg.teacher.dim == 32  # the records name the real teacher's settings
+    assert len(lines) == 1 and lines[0].startswith(f"[study] teacher: given ({given}), mf-32, ")
+    assert lines[0].endswith("; not tuned by this study")
 
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_several_given_teachers_are_one_ensemble_distilled_and_scored_as_one(study, capsys):
+def test_given_teachers_are_the_teacher_arm_of_every_seed_distilled_and_scored_as_one(study, capsys):
+    # one study from two given models (the fixture's teachers of seeds 0 and 1) stands for both kinds of given
+    # teacher: a whole study per kind would be two more Tune searches per arm, the slowest part of this file
     from kdray.checkpoint import load_checkpoint
     from kdray.data.prepare import load_prepared
+    from kdray.distill.teacher import Ensemble
     from kdray.evaluate import evaluate_ensemble, evaluate_model
 
     home = Path(study["result"]["teacher_run"])
     members = [(home / f"seed-{s}" / "teacher").resolve() for s in (0, 1)]
+    before = [m.joinpath("model.pt").stat().st_mtime_ns for m in members]
     capsys.readouterr()
-    args = [*study["args"], "study.dataset=tiny-ensemble", "student.dim=2", "study.seeds=[0]",
+    args = [*study["args"], "study.dataset=tiny-given", "student.dim=2", "study.seeds=[0, 1]",
             f"study.teacher=[{members[0]}, {members[1]}]"]
     assert main(["study", *args]) == 0
     out = capsys.readouterr().out
-    assert "[teacher] training on Ray Train" not in out and "an ensemble of 2 models" in out
-    r = json.loads((study["tmp"] / "results" / "tiny-ensemble-d2.json").read_text())
+    assert "[teacher] training on Ray Train" not in out and "[tune] teacher" not in out  # no teacher search
+    assert "an ensemble of 2 models" in out
+    assert [m.joinpath("model.pt").stat().st_mtime_ns for m in members] == before  # used, never trained
+    r = json.loads((study["tmp"] / "results" / "tiny-given-d2.json").read_text())
     ckpts = [load_checkpoint(m) for m in members]
     assert r["teacher_given"] is True and [m["checkpoint"] for m in r["teacher_members"]] == list(map(str, members))
+    assert r["teacher_run"] == ", ".join(map(str, members)) and r["winners"]["teacher"]["trial"] == "given"
     assert r["params"]["teacher"] == sum(p.numel() for c in ckpts for p in c.model.parameters())
-    assert r["budget"]["trials"]["teacher"] == 0
-    # scored as one ranking, on test as `kdray eval` scores an ensemble and on validation over the same split
-    run = study["tmp"] / "runs" / "study-tiny-ensemble-d2"
+    assert r["budget"]["trials"] == {"teacher": 0, "alone": 1, "distilled": 1}
+    # scored as one ranking, on test as `kdray eval` scores an ensemble and on validation over the same split; the
+    # same models for both seeds, so the same score
+    run = study["tmp"] / "runs" / "study-tiny-given-d2"
     data = load_prepared(run / "data")
-    assert r["arms"]["teacher"] == [pytest.approx(evaluate_ensemble(members, data, ks=[10])["test_ndcg@10"])]
-    from kdray.distill.teacher import Ensemble
-
+    test = evaluate_ensemble(members, data, ks=[10])["test_ndcg@10"]
+    assert r["arms"]["teacher"] == [pytest.approx(test), pytest.approx(test)]
     valid = evaluate_model(Ensemble([c.model for c in ckpts]), data, "valid", [10])["ndcg@10"]
     assert r["valid"]["winners"]["teacher"] == pytest.approx(valid)
     assert valid not in [pytest.approx(c.metrics["valid_ndcg@10"]) for c in ckpts]  # not a member's score
-    student = load_checkpoint(run / "seed-0" / "student")  # distilled from both, as one
-    assert student.meta["lineage"]["teachers"] == list(map(str, members))
-    assert student.config["distill"]["n_teachers"] == 2
-    assert load_checkpoint(run / "seed-0" / "student_alone").meta["lineage"]["teachers"] == []
+    for seed in (0, 1):  # every seed's student distils from both, as one
+        student = load_checkpoint(run / f"seed-{seed}" / "student")
+        assert student.meta["lineage"]["teachers"] == list(map(str, members))
+        assert student.config["distill"]["n_teachers"] == 2
+        assert load_checkpoint(run / f"seed-{seed}" / "student_alone").meta["lineage"]["teachers"] == []
+    assert "the teacher was given" in out and "on validation the given teacher" in out
 
 
 @pytest.mark.ray
