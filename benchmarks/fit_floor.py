@@ -2,6 +2,8 @@
 kdray's tiny training, side by side in one warm local cluster.
 
     python benchmarks/fit_floor.py --repeats 4 --out benchmarks/results/fit-floor.json   # ~4 min on 2 cores
+    python benchmarks/fit_floor.py --repeats 4 --preload torch,ray.train.torch,ray.data,kdray.train.driver \
+        --out benchmarks/results/fit-floor-preload.json
 
 Every stage of ``kdray run``, every Tune trial and every seed of ``kdray study`` is one ``TorchTrainer.fit``, and so is
 every training in the test suite. Two ways, alternating so that the machine's load falls on both alike:
@@ -14,6 +16,10 @@ every training in the test suite. Two ways, alternating so that the machine's lo
 For each run: the wall seconds, the CPU seconds the whole machine spent (``/proc/stat``, so anything else running
 counts too), and how many Ray worker processes started during it (``ray::`` process titles seen in ``/proc``, polled
 every 50 ms). Results to ``--out`` as JSON; a summary on stdout. Linux only (``/proc``).
+
+``--preload`` starts the local cluster with the raylet's internal ``preload_python_modules`` setting (not public
+API): every worker process Ray starts imports those modules first. Whether that shortens the floor is what the
+option measures; the setting is per cluster, so compare two runs of this script, one with it and one without.
 """
 
 from __future__ import annotations
@@ -103,19 +109,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=4, help="timed runs per way (after one warm-up of each)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--preload", default="", help="comma-separated modules every new Ray worker imports first")
     args = ap.parse_args(argv)
 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from kdray.cli import init_ray
+    from kdray.cli import RAY_ENV, init_ray
     from kdray.config import load_config
     from kdray.data.prepare import TRAIN_BY_USER
     from kdray.pipeline import prepare_data
     from kdray.train.driver import train_model
     from kdray.train.shard import training_rows
 
-    init_ray("local", num_cpus=2, object_store_memory=512 << 20, log_to_driver=False)
+    if args.preload:  # init_ray's cluster, with the one internal setting added
+        for key, value in RAY_ENV.items():
+            os.environ.setdefault(key, value)
+        ray.init(address="local", num_cpus=2, object_store_memory=512 << 20, include_dashboard=False,
+                 log_to_driver=False, runtime_env={"env_vars": {k: os.environ[k] for k in RAY_ENV}},
+                 _system_config={"preload_python_modules": args.preload.split(",")})
+    init_ray("local", num_cpus=2, object_store_memory=512 << 20, log_to_driver=False)  # no-op if started above
     measured = {"empty": Measured(), "kdray": Measured()}
     runs, warmup = itertools.count(), 1
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     result: dict[str, Any] = {"ways": {}, "machine": f"{platform.node()}, {os.cpu_count()} CPUs, "
                               f"{platform.processor() or platform.machine()}, local Ray with 2 CPUs",
+                              "preload": args.preload.split(",") if args.preload else [],
                               "command": "python benchmarks/fit_floor.py " + " ".join(
                                   argv if argv is not None else sys.argv[1:])}
     for way, m in measured.items():
