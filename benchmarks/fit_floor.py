@@ -111,24 +111,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--preload", default="", help="comma-separated modules every new Ray worker imports first")
     args = ap.parse_args(argv)
+    preload = args.preload.split(",") if args.preload else []
 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from kdray.cli import RAY_ENV, init_ray
+    from kdray.cli import init_ray
     from kdray.config import load_config
     from kdray.data.prepare import TRAIN_BY_USER
     from kdray.pipeline import prepare_data
     from kdray.train.driver import train_model
     from kdray.train.shard import training_rows
 
-    if args.preload:  # init_ray's cluster, with the one internal setting added
-        for key, value in RAY_ENV.items():
-            os.environ.setdefault(key, value)
-        ray.init(address="local", num_cpus=2, object_store_memory=512 << 20, include_dashboard=False,
-                 log_to_driver=False, runtime_env={"env_vars": {k: os.environ[k] for k in RAY_ENV}},
-                 _system_config={"preload_python_modules": args.preload.split(",")})
-    init_ray("local", num_cpus=2, object_store_memory=512 << 20, log_to_driver=False)  # no-op if started above
+    init_ray("local", num_cpus=2, object_store_memory=512 << 20, log_to_driver=False,
+             system_config={"preload_python_modules": preload} if preload else None)
     measured = {"empty": Measured(), "kdray": Measured()}
     runs, warmup = itertools.count(), 1
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     result: dict[str, Any] = {"ways": {}, "machine": f"{platform.node()}, {os.cpu_count()} CPUs, "
                               f"{platform.processor() or platform.machine()}, local Ray with 2 CPUs",
-                              "preload": args.preload.split(",") if args.preload else [],
+                              "preload": preload,
                               "command": "python benchmarks/fit_floor.py " + " ".join(
                                   argv if argv is not None else sys.argv[1:])}
     for way, m in measured.items():

@@ -102,9 +102,10 @@ RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PRINT_P
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, object_store_memory: int | None = None,
-             log_to_driver: bool = True) -> None:
+             log_to_driver: bool = True, system_config: dict[str, Any] | None = None) -> None:
     """Connects to ``address`` / $RAY_ADDRESS, or starts a local cluster (``address="local"`` never joins a stale
-    cluster left by an earlier ``ray start``). kdray's Ray settings (RAY_ENV) reach every process of the job."""
+    cluster left by an earlier ``ray start``). kdray's Ray settings (RAY_ENV) reach every process of the job.
+    ``system_config`` passes Ray's internal settings to a local cluster it starts (benchmarks only; kdray sets none)."""
     import ray
 
     if ray.is_initialized():
@@ -117,7 +118,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, object_
         ray.init(address=address, log_to_driver=log_to_driver, runtime_env=env)
     else:
         ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory,
-                 include_dashboard=False, log_to_driver=log_to_driver, runtime_env=env)
+                 include_dashboard=False, log_to_driver=log_to_driver, runtime_env=env, _system_config=system_config)
 
 
 def _require_dir(path: str, what: str) -> Path:
